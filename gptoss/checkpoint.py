@@ -1,0 +1,222 @@
+"""Loading released checkpoints (either layout) tensor by tensor onto the target device.
+
+Peak host memory is about one tensor: each tensor is read from its safetensors file straight onto the device
+and copied into its place in a model that was built on the meta device.
+"""
+
+import dataclasses
+import json
+import logging
+import time
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm import tqdm
+
+from gptoss import mxfp4
+from gptoss.config import ModelConfig
+from gptoss.errors import CheckpointError, ConfigError
+from gptoss.layouts import DENSE, HF, MXFP4, ORIGINAL, Target, tensor_names
+from gptoss.model import Transformer
+
+log = logging.getLogger(__name__)
+
+_SAFETENSORS_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "U8": torch.uint8}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    shape: tuple[int, ...]
+    dtype: str  # safetensors' dtype name, e.g. "BF16", "U8"
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckpointInfo:
+    folder: Path
+    layout: str  # ORIGINAL or HF
+    experts: str  # MXFP4 or DENSE, as stored
+    config: ModelConfig
+    tensors: dict[str, TensorInfo]
+
+    @property
+    def num_bytes(self) -> int:
+        return sum(f.stat().st_size for f in {t.file for t in self.tensors.values()})
+
+
+def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
+    """Finds the layout, reads the config and every tensor header; raises CheckpointError/ConfigError."""
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        raise CheckpointError(f"{folder}: checkpoint folder not found")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: expected a checkpoint folder, got a file")
+    if not (folder / "config.json").exists() and (folder / "original" / "config.json").exists():
+        folder = folder / "original"
+    config_path = folder / "config.json"
+    if not config_path.exists():
+        raise CheckpointError(f"{folder}: no config.json (expected a gpt-oss repo root or its original/ folder)")
+    raw = json.loads(_read_text(config_path))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{config_path}: expected a JSON object")
+    layout = HF if "model_type" in raw else ORIGINAL
+    config = ModelConfig.from_dict(raw, source=str(config_path))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        raise CheckpointError(f"{folder}: no *.safetensors files")
+    tensors: dict[str, TensorInfo] = {}
+    for file in files:
+        for name, info in _read_header(file).items():
+            if name in tensors:
+                raise CheckpointError(f"{file}: tensor {name!r} also appears in {tensors[name].file.name}")
+            tensors[name] = info
+    experts = DENSE if layout == HF and "model.layers.0.mlp.experts.gate_up_proj" in tensors else MXFP4
+    return CheckpointInfo(folder, layout, experts, config, tensors)
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{path}: cannot read ({err})") from None
+
+
+def _read_header(file: Path) -> dict[str, TensorInfo]:
+    """Reads a safetensors header and checks that the file holds every byte the header promises."""
+    try:
+        with open(file, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError, UnicodeDecodeError) as err:
+        raise CheckpointError(f"{file}: not a valid safetensors file ({err})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{file}: not a valid safetensors file (header is not a JSON object)")
+    header.pop("__metadata__", None)
+    data_len = file.stat().st_size - 8 - header_len
+    infos = {}
+    for name, entry in header.items():
+        try:
+            start, end = entry["data_offsets"]
+            infos[name] = TensorInfo(file, tuple(entry["shape"]), entry["dtype"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(f"{file}: malformed header entry for tensor {name!r}") from None
+        if end > data_len:
+            raise CheckpointError(f"{file}: truncated (tensor {name!r} ends at byte {end}, file has {data_len})")
+    return infos
+
+
+def _expected_dtype(target_dtype: torch.dtype) -> tuple[str, ...]:
+    return ("U8",) if target_dtype == torch.uint8 else ("BF16", "F16", "F32")
+
+
+def _plan(info: CheckpointInfo, model_state: dict[str, torch.Tensor], dequantize: bool) -> dict[str, Target]:
+    """Checks names, shapes and dtypes against what the model needs, before any tensor data is read."""
+    names = tensor_names(info.config, info.layout, info.experts)
+    for name in info.tensors:
+        if name not in names:
+            raise CheckpointError(f"{info.tensors[name].file}: unexpected tensor {name!r} for a {info.layout} layout")
+    for name, target in names.items():
+        if name not in info.tensors:
+            raise CheckpointError(f"{info.folder}: missing tensor {name!r}")
+        tensor = info.tensors[name]
+        packed_into_dense = dequantize and target.key.endswith((".blocks", ".scales"))
+        param = model_state[_dequantized_key(target.key) if packed_into_dense else target.key]
+        if packed_into_dense:
+            shape = param.shape[:-1] + (param.shape[-1] // mxfp4.BLOCK_SIZE,)
+            expected = shape + (mxfp4.BLOCK_SIZE // 2,) if target.key.endswith(".blocks") else shape
+            dtypes: tuple[str, ...] = ("U8",)
+        else:
+            expected = target.source_shape(tuple(param.shape))
+            dtypes = _expected_dtype(param.dtype)
+        if tensor.shape != tuple(expected):
+            raise CheckpointError(
+                f"{tensor.file}: tensor {name!r} has shape {list(tensor.shape)}, expected {list(expected)}"
+            )
+        if tensor.dtype not in dtypes:
+            raise CheckpointError(f"{tensor.file}: tensor {name!r} has dtype {tensor.dtype}, expected {dtypes[0]}")
+    return names
+
+
+def _dequantized_key(key: str) -> str:
+    """block.N.mlp.mlp1_weight.blocks|scales -> block.N.mlp.mlp1_weight.weight (dense target of a packed pair)."""
+    if key.endswith((".blocks", ".scales")):
+        return key.rsplit(".", 1)[0] + ".weight"
+    return key
+
+
+def load_model(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.bfloat16,
+    dequantize: bool = False,
+    progress: bool | None = None,
+) -> Transformer:
+    """Builds a Transformer from a checkpoint folder of either layout.
+
+    dtype: parameters' dtype (norm gains stay float32). dequantize: store MXFP4 experts as dense `dtype` weights.
+    progress: show a progress bar (default: when stderr is a terminal).
+    """
+    started = time.perf_counter()
+    info = inspect_checkpoint(path)
+    device = torch.device(device)
+    dequantize = dequantize and info.experts == MXFP4
+    expert_format = DENSE if dequantize or info.experts == DENSE else MXFP4
+    with torch.device("meta"):
+        model = Transformer(info.config, dtype=dtype, expert_format=expert_format)
+    state = model.state_dict()
+    plan = _plan(info, state, dequantize)
+    model.to_empty(device=device)
+    state = model.state_dict()
+    pending_blocks: dict[str, torch.Tensor] = {}
+    files = sorted({t.file for t in info.tensors.values()})
+    bar = tqdm(total=info.num_bytes, unit="B", unit_scale=True, desc="loading", disable=_quiet(progress))
+    with torch.no_grad():
+        for file in files:
+            try:
+                handle = safe_open(file, framework="pt", device=str(device))
+            except Exception as err:  # safetensors raises its own exception types
+                raise CheckpointError(f"{file}: cannot open ({err})") from None
+            with handle:
+                for name in handle.keys():
+                    target = plan[name]
+                    tensor = handle.get_tensor(name)
+                    if dequantize and target.key.endswith((".blocks", ".scales")):
+                        _put_dequantized(state, target.key, tensor, pending_blocks)
+                    else:
+                        _put(state[target.key], target, tensor)
+                    bar.update(tensor.numel() * tensor.element_size())
+    bar.close()
+    model.rope.reset_buffers()
+    model.eval()
+    log.info("loaded %s (%s layout, %s experts) in %.1f s", info.folder, info.layout, info.experts,
+             time.perf_counter() - started)
+    return model
+
+
+def _quiet(progress: bool | None) -> bool:
+    if progress is None:
+        import sys
+
+        return not sys.stderr.isatty()
+    return not progress
+
+
+def _put(param: torch.Tensor, target: Target, tensor: torch.Tensor) -> None:
+    dest = param if target.rows is None else param[target.rows[0] : target.rows[1]]
+    if target.transpose:
+        tensor = tensor.transpose(-1, -2)
+    dest.copy_(tensor)
+
+
+def _put_dequantized(state, key: str, tensor: torch.Tensor, pending: dict[str, torch.Tensor]) -> None:
+    """Dequantizes a blocks/scales pair into its dense target once both halves have been read."""
+    dense_key = _dequantized_key(key)
+    if dense_key not in pending:
+        pending[dense_key] = tensor
+        return
+    other = pending.pop(dense_key)
+    blocks, scales = (tensor, other) if key.endswith(".blocks") else (other, tensor)
+    param = state[dense_key]
+    for e in range(param.shape[0]):  # one expert at a time bounds the float32 temporaries
+        param[e].copy_(mxfp4.dequantize(blocks[e], scales[e], param.dtype))

@@ -1,0 +1,140 @@
+"""The `gptoss` command."""
+
+import argparse
+import codecs
+import logging
+import sys
+import time
+
+from gptoss.errors import GptOssError
+
+
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _checkpoint_or_demo(checkpoint: str | None) -> str:
+    if checkpoint:
+        return checkpoint
+    from gptoss.demo import ensure_demo_checkpoint
+
+    folder = ensure_demo_checkpoint()
+    print(
+        f"gptoss: no checkpoint given, using the built-in demo checkpoint ({folder}): a tiny model with random "
+        "weights, so its output is noise. Pass a gpt-oss folder for real text.",
+        file=sys.stderr,
+    )
+    return str(folder)
+
+
+def _add_model_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("checkpoint", nargs="?", help="checkpoint folder (HF repo root or its original/); "
+                        "default: the built-in demo checkpoint")
+    parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--context", type=int, default=None, help="KV cache context length (default 8192)")
+    parser.add_argument("--dequantize", action="store_true", help="store MXFP4 experts as dense bf16 at load")
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from gptoss.checkpoint import load_model
+    from gptoss.generate import TokenGenerator
+    from gptoss.tokenizer import ENDOFTEXT, STOP_TOKENS, get_tokenizer
+
+    device = args.device or _default_device()
+    started = time.perf_counter()
+    model = load_model(_checkpoint_or_demo(args.checkpoint), device=device, dequantize=args.dequantize,
+                       progress=None)
+    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    generator = TokenGenerator(None, device, context_length=args.context, model=model)
+    tokenizer = get_tokenizer()
+    prompt = tokenizer.encode(args.prompt, allowed_special="all")
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+    started = time.perf_counter()
+    first_token_at = None
+    generated = 0
+    for token in generator.generate(prompt, (*STOP_TOKENS, ENDOFTEXT), temperature=args.temperature,
+                                    max_tokens=args.max_tokens, top_p=args.top_p, top_k=args.top_k, seed=args.seed):
+        if first_token_at is None:
+            if device.startswith("cuda"):
+                torch.cuda.synchronize()
+            first_token_at = time.perf_counter()
+        generated += 1
+        sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
+        sys.stdout.flush()
+    finished = time.perf_counter()
+    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    prefill_s = first_token_at - started
+    decode_s = finished - first_token_at
+    decode_rate = f"{(generated - 1) / decode_s:.1f} tokens/s" if generated > 1 and decode_s > 0 else "n/a"
+    print(f"gptoss: prompt {len(prompt)} tokens at {len(prompt) / prefill_s:.1f} tokens/s; "
+          f"decode {generated} tokens at {decode_rate}", file=sys.stderr)
+    return 0
+
+
+def cmd_init_checkpoint(args) -> int:
+    from gptoss.checkpoint_writer import write_checkpoint
+    from gptoss.config import preset
+
+    started = time.perf_counter()
+    out = write_checkpoint(args.out, preset(args.preset), layout=args.layout, experts=args.experts, seed=args.seed,
+                           device=args.device, num_shards=args.shards, progress=sys.stderr.isatty())
+    print(f"gptoss: wrote {args.preset} ({args.layout} layout, {args.experts} experts, random weights) to {out} "
+          f"in {time.perf_counter() - started:.1f} s", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="gptoss",
+        description="Run OpenAI's gpt-oss models (gpt-oss-20b, gpt-oss-120b) from their released checkpoints.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (default: quiet)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    gen = commands.add_parser("generate", help="complete a raw text prompt, streaming the text",
+                              description="Complete a raw text prompt (no chat template), streaming the output; "
+                              "ends with prompt and decode tokens per second.")
+    _add_model_options(gen)
+    gen.add_argument("-p", "--prompt", required=True, help="the text to complete")
+    gen.add_argument("-n", "--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
+    gen.add_argument("-t", "--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--top-k", type=int, default=0)
+    gen.add_argument("--seed", type=int, default=None)
+    gen.set_defaults(func=cmd_generate)
+
+    init = commands.add_parser("init-checkpoint", help="write random weights in a released layout",
+                               description="Write a checkpoint with random weights and the exact names, shapes "
+                               "and dtypes of the release (for tests, benchmarks and demos).")
+    init.add_argument("out", help="folder to create")
+    init.add_argument("--preset", default="tiny", help="tiny, gpt-oss-20b or gpt-oss-120b (default tiny)")
+    init.add_argument("--layout", default="original", choices=("original", "hf"))
+    init.add_argument("--experts", default="mxfp4", choices=("mxfp4", "dense"),
+                      help="hf layout only: MXFP4 blocks/scales or dequantized bf16 (default mxfp4)")
+    init.add_argument("--seed", type=int, default=0)
+    init.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
+    init.add_argument("--shards", type=int, default=None, help="number of safetensors files")
+    init.set_defaults(func=cmd_init_checkpoint)
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GptOssError as err:
+        print(f"gptoss: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

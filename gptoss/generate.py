@@ -1,0 +1,91 @@
+"""KV-cached token generation: the prompt is prefilled in one forward, then one token per step."""
+
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+
+from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.kv_cache import KVCache
+from gptoss.model import Transformer
+from gptoss.sampling import sample
+
+DEFAULT_CONTEXT_LENGTH = 8192
+
+
+class TokenGenerator:
+    """Generates from a checkpoint folder (or an already loaded `model=`) on `device`.
+
+    context_length: tokens the KV cache holds (prompt + generated); defaults to 8192, at most the model's 131072.
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | Path | None,
+        device: str | torch.device = "cpu",
+        *,
+        context_length: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        model: Transformer | None = None,
+    ):
+        self.device = torch.device(device)
+        if model is None:
+            if checkpoint is None:
+                raise GptOssError("TokenGenerator needs a checkpoint folder or a model")
+            model = Transformer.from_checkpoint(checkpoint, device=self.device, dtype=dtype)
+        self.model = model
+        config = model.config
+        self.context_length = context_length or min(DEFAULT_CONTEXT_LENGTH, config.max_context_length)
+        self.cache = KVCache(config, self.context_length, device=self.device, dtype=model.dtype)
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        prompt_tokens: Sequence[int],
+        stop_tokens: Sequence[int] = (),
+        temperature: float = 1.0,
+        max_tokens: int = 0,
+        return_logprobs: bool = False,
+        *,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        seed: int | None = None,
+    ) -> Iterator[int] | Iterator[tuple[int, float]]:
+        """Yields generated tokens (or (token, logprob) with return_logprobs), the stop token included.
+
+        max_tokens 0 means until a stop token or the end of the context (which raises ContextLengthError).
+        logprob is the token's log-probability under the unscaled model distribution, as in the reference.
+        """
+        prompt = [int(t) for t in prompt_tokens]
+        if not prompt:
+            raise GptOssError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise GptOssError(f"prompt token ids must be in 0..{vocab - 1}")
+        wanted = len(prompt) + max(max_tokens, 1)
+        if wanted > self.context_length:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + {max(max_tokens, 1)} to generate exceeds the context length "
+                f"of {self.context_length}"
+            )
+        stop = set(int(t) for t in stop_tokens)
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.cache.reset()
+        tokens = torch.tensor(prompt, device=self.device)
+        logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache)[-1]
+        generated = 0
+        while True:
+            token = sample(logits[None], temperature, top_k, top_p, generator)[0]
+            token_id = int(token)
+            generated += 1
+            if return_logprobs:
+                yield token_id, float(torch.log_softmax(logits.float(), dim=-1)[token_id])
+            else:
+                yield token_id
+            if token_id in stop or (max_tokens and generated >= max_tokens):
+                return
+            if self.cache.length >= self.context_length:
+                raise ContextLengthError(f"generation reached the context length of {self.context_length}")
+            logits = self.model(token[None], self.cache.reserve(1), self.cache)[-1]

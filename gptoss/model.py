@@ -1,0 +1,191 @@
+"""The gpt-oss transformer: the pure-PyTorch path that defines the numerics.
+
+What is special about gpt-oss, against a plain GQA transformer:
+- attention has one learned sink logit per query head (an extra softmax column with no value);
+- even layers attend over a 128-token sliding window, odd layers over the whole prefix;
+- RoPE is half-split with YaRN scaling (factor 32) and a concentration factor on cos and sin;
+- the MLP is a top-4 MoE (softmax over the four chosen logits) of clamped, interleaved SwiGLU experts whose
+  weights ship as MXFP4 and stay packed in memory; each expert has its own output bias;
+- the unembedding is not tied to the embedding.
+
+Module and parameter names equal the released `original/` checkpoint keys, so loading is a loop.
+Tokens are a flat (N,) tensor with per-token positions: one sequence, or several packed by a batched engine
+whose KV cache masks keys of other sequences.
+"""
+
+import math
+
+import torch
+from torch import nn
+
+from gptoss.config import RMS_NORM_EPS, ModelConfig
+from gptoss.experts import DenseExperts, MXFP4Experts
+from gptoss.kernels.attention import attention_mask, sink_attention
+from gptoss.kernels.moe import moe, route
+
+
+class RMSNorm(nn.Module):
+    """Statistics and gain in float32, output in the input's dtype."""
+
+    def __init__(self, dim: int, device=None):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x.float()
+        t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + RMS_NORM_EPS)
+        return (t * self.scale).to(x.dtype)
+
+
+def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
+    """YaRN: per-frequency blend of interpolated (1/(factor*freq)) and original (1/freq) inverse frequencies,
+    and the concentration that scales cos and sin. The ramp bounds are NOT rounded."""
+    half = config.head_dim // 2
+    freq = config.rope_theta ** (torch.arange(0, config.head_dim, 2, dtype=torch.float32) / config.head_dim)
+    factor = config.rope_scaling_factor
+    if factor <= 1.0:
+        return 1.0 / freq, 1.0
+    concentration = 0.1 * math.log(factor) + 1.0
+    ctx = config.initial_context_length
+    low = half * math.log(ctx / (config.rope_ntk_beta * 2 * math.pi)) / math.log(config.rope_theta)
+    high = half * math.log(ctx / (config.rope_ntk_alpha * 2 * math.pi)) / math.log(config.rope_theta)
+    ramp = ((torch.arange(half, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    keep_original = 1 - ramp
+    inv_freq = (1.0 / (factor * freq)) * ramp + (1.0 / freq) * keep_original
+    return inv_freq, concentration
+
+
+class RotaryEmbedding(nn.Module):
+    def __init__(self, config: ModelConfig, device=None):
+        super().__init__()
+        self.config = config
+        self.register_buffer("inv_freq", torch.empty(config.head_dim // 2, device=device), persistent=False)
+        self.reset_buffers()
+
+    def reset_buffers(self):
+        inv_freq, self.concentration = yarn_inv_freq(self.config)
+        if self.inv_freq.device.type != "meta":
+            self.inv_freq.copy_(inv_freq)
+
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions (N,) -> cos, sin (N, D/2) in float32."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]
+        return freqs.cos() * self.concentration, freqs.sin() * self.concentration
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x (N, heads, D); element i pairs with i + D/2 (half-split, not interleaved)."""
+    cos = cos[:, None, :].to(x.dtype)
+    sin = sin[:, None, :].to(x.dtype)
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((x1 * cos - x2 * sin, x2 * cos + x1 * sin), dim=-1)
+
+
+class AttentionBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.n_heads = config.num_attention_heads
+        self.n_kv_heads = config.num_key_value_heads
+        self.head_dim = config.head_dim
+        self.window = config.layer_window(layer_idx)
+        self.sm_scale = 1.0 / math.sqrt(config.head_dim)
+        self.norm = RMSNorm(config.hidden_size, device=device)
+        self.qkv = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, device=device, dtype=dtype)
+        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device, dtype=dtype))
+        self.out = nn.Linear(config.q_dim, config.hidden_size, device=device, dtype=dtype)
+
+    def forward(self, x, positions, cos, sin, cache=None):
+        n = x.shape[0]
+        qkv = self.qkv(self.norm(x))  # (N, q_dim + 2 kv_dim): rows q | k | v
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q = qkv[:, :q_dim].view(n, self.n_heads, self.head_dim)
+        k = qkv[:, q_dim : q_dim + kv_dim].view(n, self.n_kv_heads, self.head_dim)
+        v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is None:
+            mask = attention_mask(positions, positions, self.window)
+        else:
+            k, v, mask = cache.update(self.layer_idx, k, v, positions, self.window)
+        o = sink_attention(q, k, v, self.sinks, mask, self.sm_scale)  # (N, Hq, D)
+        return x + self.out(o.reshape(n, q_dim))
+
+
+class MLPBlock(nn.Module):
+    def __init__(self, config: ModelConfig, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4"):
+        super().__init__()
+        self.experts_per_token = config.experts_per_token
+        self.swiglu_limit = config.swiglu_limit
+        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.norm = RMSNorm(h, device=device)
+        self.gate = nn.Linear(h, e, device=device, dtype=dtype)
+        if expert_format == "mxfp4":
+            self.mlp1_weight = MXFP4Experts(e, 2 * i, h, device=device)
+            self.mlp2_weight = MXFP4Experts(e, h, i, device=device)
+        elif expert_format == "dense":
+            self.mlp1_weight = DenseExperts(e, 2 * i, h, device=device, dtype=dtype)
+            self.mlp2_weight = DenseExperts(e, h, i, device=device, dtype=dtype)
+        else:
+            raise ValueError(f"expert_format must be 'mxfp4' or 'dense', got {expert_format!r}")
+        self.mlp1_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device, dtype=dtype))
+        self.mlp2_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
+
+    def forward(self, x):
+        t = self.norm(x)
+        weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
+        y = moe(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
+                self.swiglu_limit)
+        return x + y
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16, expert_format="mxfp4"):
+        super().__init__()
+        self.attn = AttentionBlock(config, layer_idx, device=device, dtype=dtype)
+        self.mlp = MLPBlock(config, device=device, dtype=dtype, expert_format=expert_format)
+
+    def forward(self, x, positions, cos, sin, cache=None):
+        return self.mlp(self.attn(x, positions, cos, sin, cache))
+
+
+class Transformer(nn.Module):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4"):
+        super().__init__()
+        self.config = config
+        self.expert_format = expert_format
+        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.block = nn.ModuleList(
+            TransformerBlock(config, i, device=device, dtype=dtype, expert_format=expert_format)
+            for i in range(config.num_hidden_layers)
+        )
+        self.norm = RMSNorm(config.hidden_size, device=device)
+        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.rope = RotaryEmbedding(config, device=device)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embedding.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embedding.weight.device
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+        """tokens (N,) -> logits (N, V). Without a cache the tokens are one sequence at positions 0..N-1;
+        with one, `positions` says where each token sits (see gptoss.kv_cache)."""
+        if tokens.dim() != 1:
+            raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(tokens.shape)}")
+        if positions is None:
+            positions = torch.arange(tokens.shape[0], device=tokens.device)
+        cos, sin = self.rope(positions)
+        x = self.embedding(tokens)
+        for block in self.block:
+            x = block(x, positions, cos, sin, cache)
+        return self.unembedding(self.norm(x))
+
+    @classmethod
+    def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Transformer":
+        """Loads either released layout (see gptoss.checkpoint.load_model for the options)."""
+        from gptoss.checkpoint import load_model
+
+        return load_model(path, device=device, **kwargs)
