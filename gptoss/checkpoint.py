@@ -15,8 +15,8 @@ from safetensors import safe_open
 from tqdm import tqdm
 
 from gptoss import mxfp4
-from gptoss.config import ModelConfig
-from gptoss.errors import CheckpointError, ConfigError
+from gptoss.config import ModelConfig, read_config_json
+from gptoss.errors import CheckpointError
 from gptoss.layouts import DENSE, HF, MXFP4, ORIGINAL, Target, tensor_names
 from gptoss.model import Transformer
 
@@ -57,9 +57,7 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
     config_path = folder / "config.json"
     if not config_path.exists():
         raise CheckpointError(f"{folder}: no config.json (expected a gpt-oss repo root or its original/ folder)")
-    raw = json.loads(_read_text(config_path))
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{config_path}: expected a JSON object")
+    raw = read_config_json(config_path)
     layout = HF if "model_type" in raw else ORIGINAL
     config = ModelConfig.from_dict(raw, source=str(config_path))
     files = sorted(folder.glob("*.safetensors"))
@@ -73,13 +71,6 @@ def inspect_checkpoint(path: str | Path) -> CheckpointInfo:
             tensors[name] = info
     experts = DENSE if layout == HF and "model.layers.0.mlp.experts.gate_up_proj" in tensors else MXFP4
     return CheckpointInfo(folder, layout, experts, config, tensors)
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
-        raise CheckpointError(f"{path}: cannot read ({err})") from None
 
 
 def _read_header(file: Path) -> dict[str, TensorInfo]:

@@ -52,6 +52,7 @@ def cmd_generate(args) -> int:
     generator = TokenGenerator(None, device, context_length=args.context, model=model)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
+    generator.check_request(prompt, args.max_tokens)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
     sys.stdout.write(args.prompt)
     sys.stdout.flush()

@@ -85,16 +85,7 @@ class ModelConfig:
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelConfig":
-        path = Path(path)
-        try:
-            raw = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise ConfigError(f"{path}: config file not found") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as err:
-            raise ConfigError(f"{path}: not valid JSON ({err})") from None
-        if not isinstance(raw, dict):
-            raise ConfigError(f"{path}: expected a JSON object")
-        return cls.from_dict(raw, source=str(path))
+        return cls.from_dict(read_config_json(path), source=str(path))
 
     def to_hf_dict(self) -> dict:
         """The Hugging Face `config.json` for this model (quantization_config is added by the writer)."""
@@ -140,6 +131,20 @@ class ModelConfig:
             "eos_token_id": 200002 if self.vocab_size > 200002 else None,
             "pad_token_id": 199999 if self.vocab_size > 199999 else None,
         }
+
+
+def read_config_json(path: str | Path) -> dict:
+    """A config.json's contents as a dict; ConfigError naming the file if it is missing or not a JSON object."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid JSON ({err})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected a JSON object")
+    return raw
 
 
 def _checked(cls, values: dict, source: str) -> ModelConfig:

@@ -38,6 +38,19 @@ class TokenGenerator:
         self.context_length = context_length or min(DEFAULT_CONTEXT_LENGTH, config.max_context_length)
         self.cache = KVCache(config, self.context_length, device=self.device, dtype=model.dtype)
 
+    def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
+        """Raises GptOssError for an empty or out-of-vocabulary prompt, ContextLengthError if it cannot fit."""
+        if not prompt:
+            raise GptOssError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise GptOssError(f"prompt token ids must be in 0..{vocab - 1}")
+        if len(prompt) + max(max_tokens, 1) > self.context_length:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + {max(max_tokens, 1)} to generate exceeds the context length "
+                f"of {self.context_length}"
+            )
+
     @torch.inference_mode()
     def generate(
         self,
@@ -57,17 +70,7 @@ class TokenGenerator:
         logprob is the token's log-probability under the unscaled model distribution, as in the reference.
         """
         prompt = [int(t) for t in prompt_tokens]
-        if not prompt:
-            raise GptOssError("the prompt is empty")
-        vocab = self.model.config.vocab_size
-        if not all(0 <= t < vocab for t in prompt):
-            raise GptOssError(f"prompt token ids must be in 0..{vocab - 1}")
-        wanted = len(prompt) + max(max_tokens, 1)
-        if wanted > self.context_length:
-            raise ContextLengthError(
-                f"prompt of {len(prompt)} tokens + {max(max_tokens, 1)} to generate exceeds the context length "
-                f"of {self.context_length}"
-            )
+        self.check_request(prompt, max_tokens)
         stop = set(int(t) for t in stop_tokens)
         generator = None
         if seed is not None:

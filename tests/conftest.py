@@ -1,0 +1,34 @@
+import dataclasses
+
+import pytest
+import torch
+
+from gptoss.checkpoint_writer import fill_random, write_checkpoint
+from gptoss.config import preset
+from gptoss.model import Transformer
+
+# A small vocabulary and a 16-token window keep CPU tests fast while sequences span several windows; the RoPE/YaRN
+# constants stay the released ones.
+SMALL = dataclasses.replace(preset("tiny"), vocab_size=1024, sliding_window=16)
+
+
+def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
+    return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def random_model(config=SMALL, seed=0, dtype=torch.float32) -> Transformer:
+    model = Transformer(config, dtype=dtype)
+    fill_random(model, seed)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def checkpoints(tmp_path_factory):
+    """The same random weights (seed 1) in every released layout."""
+    root = tmp_path_factory.mktemp("checkpoints")
+    folders = {}
+    for layout, experts, shards in (("original", "mxfp4", 1), ("original", "mxfp4", 3), ("hf", "mxfp4", 2),
+                                    ("hf", "dense", 2)):
+        name = f"{layout}-{experts}-{shards}"
+        folders[name] = write_checkpoint(root / name, SMALL, layout, experts, seed=1, num_shards=shards)
+    return folders

@@ -1,0 +1,51 @@
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from gptoss.checkpoint import inspect_checkpoint
+
+
+def gptoss(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "gptoss.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, **(env or {})}, timeout=300)
+
+
+def test_help_lists_the_commands():
+    result = gptoss("--help")
+    assert result.returncode == 0
+    for command in ("generate", "init-checkpoint"):
+        assert command in result.stdout
+
+
+def test_generate_on_the_demo_checkpoint(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    result = gptoss("generate", "-p", "Hello", "-n", "8", "--seed", "0", env=env)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("Hello")
+    assert "output is noise" in result.stderr
+    assert "prompt 1 tokens at" in result.stderr and "decode 8 tokens at" in result.stderr
+    assert (tmp_path / "gptoss" / "demo-tiny-v1" / "model.safetensors").exists()
+    again = gptoss("generate", "-p", "Hello", "-n", "8", "--seed", "0", env=env)
+    assert again.stdout == result.stdout  # the demo is written once and seeded sampling repeats
+
+
+@pytest.mark.parametrize("layout", ["original", "hf"])
+def test_init_checkpoint_writes_a_loadable_folder(tmp_path, layout):
+    out = tmp_path / "ckpt"
+    result = gptoss("init-checkpoint", str(out), "--preset", "tiny", "--layout", layout, "--seed", "3")
+    assert result.returncode == 0, result.stderr
+    assert inspect_checkpoint(out).layout == layout
+    again = gptoss("init-checkpoint", str(out))
+    assert again.returncode == 2 and "already exists" in again.stderr
+
+
+def test_prompt_longer_than_the_context(tmp_path):
+    result = gptoss("generate", "-p", "word " * 50, "-n", "20", "--context", "32",
+                    env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert re.fullmatch(r"gptoss: error: prompt of \d+ tokens \+ 20 to generate exceeds the context length of 32",
+                        result.stderr.strip().splitlines()[-1])
+    assert result.stdout == ""

@@ -1,0 +1,81 @@
+import pytest
+import torch
+
+from conftest import SMALL, random_model
+from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.generate import TokenGenerator
+from gptoss.sampling import sample
+
+
+@pytest.fixture(scope="module")
+def generator():
+    return TokenGenerator(None, "cpu", context_length=128, model=random_model())
+
+
+def naive_greedy(model, prompt, steps):
+    """Recomputes the whole sequence for every token, as the reference generator does."""
+    tokens = list(prompt)
+    with torch.no_grad():
+        for _ in range(steps):
+            tokens.append(int(model(torch.tensor(tokens))[-1].argmax()))
+    return tokens[len(prompt):]
+
+
+def test_greedy_generation_equals_naive_recompute(generator):
+    prompt = list(range(5, 5 + 3 * SMALL.sliding_window))
+    out = list(generator.generate(prompt, stop_tokens=(), temperature=0.0, max_tokens=20))
+    assert out == naive_greedy(generator.model, prompt, 20)
+
+
+def test_stop_token_is_yielded_then_generation_ends(generator):
+    prompt = [1, 2, 3]
+    first = next(iter(generator.generate(prompt, (), temperature=0.0, max_tokens=1)))
+    assert list(generator.generate(prompt, (first,), temperature=0.0, max_tokens=10)) == [first]
+
+
+def test_logprobs_are_unscaled_log_softmax(generator):
+    prompt = [7, 8, 9]
+    token, logprob = next(iter(generator.generate(prompt, (), temperature=0.7, max_tokens=1,
+                                                  return_logprobs=True, seed=0)))
+    with torch.no_grad():
+        expected = torch.log_softmax(generator.model(torch.tensor(prompt))[-1].float(), -1)[token]
+    assert logprob == pytest.approx(float(expected), abs=1e-5)
+
+
+def test_seed_makes_sampling_reproducible(generator):
+    run = lambda seed: list(generator.generate([4, 5, 6], (), temperature=1.0, max_tokens=12, seed=seed))  # noqa: E731
+    assert run(123) == run(123)
+    assert run(123) != run(124)
+
+
+def test_prompt_longer_than_the_context_is_a_clear_error(generator):
+    with pytest.raises(ContextLengthError, match="exceeds the context length of 128"):
+        list(generator.generate(list(range(120)), (), max_tokens=20))
+
+
+def test_running_into_the_context_end_is_a_clear_error(generator):
+    with pytest.raises(ContextLengthError, match="reached the context length"):
+        list(generator.generate(list(range(100)), (), temperature=0.0, max_tokens=0))
+
+
+def test_bad_prompts(generator):
+    with pytest.raises(GptOssError, match="empty"):
+        list(generator.generate([], ()))
+    with pytest.raises(GptOssError, match="0..1023"):
+        list(generator.generate([5000], ()))
+
+
+def test_top_k_and_top_p_restrict_the_candidates():
+    logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
+    gen = torch.Generator().manual_seed(0)
+    assert set(sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    probs = logits[0].softmax(-1)  # 0.64, 0.24, ...: top_p 0.8 keeps the first two
+    assert probs[0] < 0.8 < probs[0] + probs[1]
+    assert set(sample(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    assert set(sample(logits, 0.0).tolist()) == {0}
+
+
+def test_sampling_follows_the_distribution():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
+    counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)), minlength=3)
+    assert torch.allclose(counts / 20000, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
