@@ -90,6 +90,20 @@ def cmd_init_checkpoint(args) -> int:
     return 0
 
 
+def cmd_bench(args) -> int:
+    from gptoss.bench import run
+
+    run(args)
+    return 0
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(part) for part in text.split(",") if part]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="gptoss",
@@ -122,6 +136,19 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--device", default="cpu", help="where to draw the random weights (cuda is much faster)")
     init.add_argument("--shards", type=int, default=None, help="number of safetensors files")
     init.set_defaults(func=cmd_init_checkpoint)
+
+    bench = commands.add_parser("bench", help="measure load, prefill and decode speed on the GPU",
+                                description="Benchmark on a CUDA GPU: load time, prefill tokens/s, batch-1 decode "
+                                "tokens/s at given contexts, and peak GPU memory. Without CHECKPOINT, random weights "
+                                "of the preset's real shapes are created in GPU memory.")
+    bench.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: random weights of --preset)")
+    bench.add_argument("--preset", default="gpt-oss-20b", help="gpt-oss-20b or gpt-oss-120b (default 20b)")
+    bench.add_argument("--prompt-lengths", type=_int_list, default=[1024, 8192], help="default 1024,8192")
+    bench.add_argument("--decode-contexts", type=_int_list, default=[1024, 32768], help="default 1024,32768")
+    bench.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode run (default 128)")
+    bench.add_argument("--compare", choices=("hf",), help="also run Hugging Face transformers on the same weights")
+    bench.add_argument("--json", help="write the results to this file")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 

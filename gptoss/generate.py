@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.kernels import use_triton
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
 from gptoss.sampling import sample
@@ -36,7 +37,15 @@ class TokenGenerator:
         self.model = model
         config = model.config
         self.context_length = context_length or min(DEFAULT_CONTEXT_LENGTH, config.max_context_length)
-        self.cache = KVCache(config, self.context_length, device=self.device, dtype=model.dtype)
+        self.graphed_decode = None
+        if use_triton(model.embedding.weight):  # GPU: Triton attention over the cache, decode in a CUDA graph
+            from gptoss.cuda_cache import TritonKVCache
+            from gptoss.cuda_graph import GraphedDecodeStep
+
+            self.cache = TritonKVCache(config, self.context_length, device=self.device, dtype=model.dtype)
+            self.graphed_decode = GraphedDecodeStep(model, self.cache)
+        else:
+            self.cache = KVCache(config, self.context_length, device=self.device, dtype=model.dtype)
 
     def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
         """Raises GptOssError for an empty or out-of-vocabulary prompt, ContextLengthError if it cannot fit."""
@@ -91,4 +100,11 @@ class TokenGenerator:
                 return
             if self.cache.length >= self.context_length:
                 raise ContextLengthError(f"generation reached the context length of {self.context_length}")
-            logits = self.model(token[None], self.cache.reserve(1), self.cache)[-1]
+            logits = self._decode(token)
+
+    def _decode(self, token: torch.Tensor) -> torch.Tensor:
+        """One step: token () -> logits (V,) for the next position."""
+        positions = self.cache.reserve(1)
+        if self.graphed_decode is not None:
+            return self.graphed_decode(token, self.cache.length - 1)
+        return self.model(token[None], positions, self.cache)[-1]

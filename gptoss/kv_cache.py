@@ -3,18 +3,27 @@
 Full-attention layers keep every position (slot = position). Sliding-window layers keep only the last `window`
 positions in a ring buffer (slot = position % window), so their memory does not grow with the context.
 
-The model calls `update(layer, k, v, positions, window)` once per layer; it stores the new keys/values and returns
-the keys/values the new queries attend over, with the (N, S) visibility mask.
+The model calls `attend(layer, q, k, v, positions, window, sinks, sm_scale)` once per layer; here that is
+`update` (store the new keys/values, return those the queries may see with the (N, S) visibility mask) followed
+by the reference attention.
 """
 
 import torch
 
 from gptoss.config import ModelConfig
 from gptoss.errors import ContextLengthError
-from gptoss.kernels.attention import attention_mask
+from gptoss.kernels.attention import attention_mask, sink_attention
 
 
-class KVCache:
+class ReferenceAttentionCache:
+    """For caches whose `update` stores k/v and returns (keys, values, mask): attention by the reference op."""
+
+    def attend(self, layer, q, k, v, positions, window, sinks, sm_scale):
+        keys, values, mask = self.update(layer, k, v, positions, window)
+        return sink_attention(q, keys, values, sinks, mask, sm_scale)
+
+
+class KVCache(ReferenceAttentionCache):
     def __init__(self, config: ModelConfig, context_length: int, device=None, dtype=torch.bfloat16):
         if not 0 < context_length <= config.max_context_length:
             raise ContextLengthError(

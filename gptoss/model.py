@@ -9,8 +9,9 @@ What is special about gpt-oss, against a plain GQA transformer:
 - the unembedding is not tied to the embedding.
 
 Module and parameter names equal the released `original/` checkpoint keys, so loading is a loop.
-Tokens are a flat (N,) tensor with per-token positions: one sequence, or several packed by a batched engine
-whose KV cache masks keys of other sequences.
+Tokens are a flat (N,) tensor with per-token positions: one sequence, or several packed by a batched engine.
+A KV cache, when given, owns the attention over cached keys (`cache.attend`), so the same model runs with the
+reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache.
 """
 
 import math
@@ -20,6 +21,7 @@ from torch import nn
 
 from gptoss.config import RMS_NORM_EPS, ModelConfig
 from gptoss.experts import DenseExperts, MXFP4Experts
+from gptoss.kernels import use_triton
 from gptoss.kernels.attention import attention_mask, sink_attention
 from gptoss.kernels.moe import moe, route
 
@@ -104,10 +106,9 @@ class AttentionBlock(nn.Module):
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            mask = attention_mask(positions, positions, self.window)
-        else:
-            k, v, mask = cache.update(self.layer_idx, k, v, positions, self.window)
-        o = sink_attention(q, k, v, self.sinks, mask, self.sm_scale)  # (N, Hq, D)
+            o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
+        else:  # the cache stores k/v and runs attention over everything the queries may see
+            o = cache.attend(self.layer_idx, q, k, v, positions, self.window, self.sinks, self.sm_scale)  # (N, Hq, D)
         return x + self.out(o.reshape(n, q_dim))
 
 
@@ -133,8 +134,11 @@ class MLPBlock(nn.Module):
     def forward(self, x):
         t = self.norm(x)
         weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
-        y = moe(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
-                self.swiglu_limit)
+        experts = moe
+        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(t):  # packed experts, GPU: fused kernels
+            from gptoss.kernels.moe_triton import moe_triton_from_stores as experts
+        y = experts(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
+                    self.swiglu_limit)
         return x + y
 
 

@@ -4,8 +4,25 @@ differentiate); fast GPU kernels are drop-in replacements tested against it.
 Set GPTOSS_KERNELS=reference to force the references everywhere (the CPU always uses them).
 """
 
+import functools
 import os
+
+import torch
 
 
 def use_reference() -> bool:
     return os.environ.get("GPTOSS_KERNELS", "auto") == "reference"
+
+
+@functools.cache
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def use_triton(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels serve this tensor: on CUDA, with triton installed, unless references are forced."""
+    return x.is_cuda and not use_reference() and _triton_importable()

@@ -1,0 +1,181 @@
+"""`gptoss bench`: load time, prefill and decode speed, and peak GPU memory, optionally beside transformers.
+
+Random weights of the real shapes are created directly in GPU memory (a 120b checkpoint file would not fit many
+disks), or a checkpoint is loaded. Decode runs the product path (TokenGenerator: CUDA-graph step, sampling, one
+host sync per token as when streaming).
+"""
+
+import dataclasses
+import gc
+import json
+import time
+
+import torch
+
+from gptoss.checkpoint import load_model
+from gptoss.checkpoint_writer import fill_random
+from gptoss.config import preset
+from gptoss.generate import TokenGenerator
+from gptoss.layouts import DENSE, HF, tensor_names
+from gptoss.model import Transformer
+
+
+@dataclasses.dataclass
+class BenchResult:
+    engine: str
+    model: str
+    device: str
+    load_s: float
+    prefill_tokens_per_s: dict[int, float]
+    decode_tokens_per_s: dict[int, float]
+    peak_memory_gib: float
+
+
+def _sync_time() -> float:
+    torch.cuda.synchronize()
+    return time.perf_counter()
+
+
+def random_model(name: str, device: str) -> Transformer:
+    with torch.device("meta"):
+        model = Transformer(preset(name))
+    model.to_empty(device=device)
+    fill_random(model, seed=0)
+    return model.eval()
+
+
+def _prompt(length: int, vocab: int) -> list[int]:
+    return torch.randint(0, min(vocab, 199998), (length,), generator=torch.Generator().manual_seed(length)).tolist()
+
+
+@torch.inference_mode()
+def bench_gptoss(model: Transformer, name: str, load_s: float, prompt_lengths, decode_contexts, decode_tokens):
+    device = str(model.device)
+    vocab = model.config.vocab_size
+    prefill = {}
+    for length in prompt_lengths:
+        generator = TokenGenerator(None, device, context_length=length + 1, model=model)
+        tokens = torch.tensor(_prompt(length, vocab), device=device)
+        times = []
+        for _ in range(3):  # the first run compiles kernels
+            generator.cache.reset()
+            started = _sync_time()
+            model(tokens, generator.cache.reserve(length), generator.cache)
+            times.append(_sync_time() - started)
+        prefill[length] = length / min(times[1:])
+        del generator
+    decode = {}
+    for context in decode_contexts:
+        generator = TokenGenerator(None, device, context_length=context + decode_tokens + 1, model=model)
+        prompt = _prompt(context, vocab)
+        for _ in range(2):  # the first run captures the CUDA graph
+            stamps = []
+            for _token in generator.generate(prompt, (), temperature=0.0, max_tokens=decode_tokens):
+                stamps.append(time.perf_counter())
+        decode[context] = (len(stamps) - 1) / (stamps[-1] - stamps[0])
+        del generator
+    return BenchResult("gptoss", name, torch.cuda.get_device_name(), load_s, prefill, decode,
+                       torch.cuda.max_memory_allocated() / 2**30)
+
+
+def hf_state_dict(model: Transformer):
+    """Yields (HF name, tensor) for a transformers GptOssForCausalLM with dense bf16 experts."""
+    state = model.state_dict()
+    for hf_name, target in tensor_names(model.config, HF, DENSE).items():
+        if target.key.endswith("_weight.weight"):  # dense experts: dequantize our packed store, transpose
+            store = model.get_submodule(target.key.rsplit(".", 1)[0])
+            yield hf_name, torch.stack([store.expert(e, torch.bfloat16) for e in range(model.config.num_experts)]
+                                       ).transpose(-1, -2)
+            continue
+        tensor = state[target.key]
+        if target.rows is not None:
+            tensor = tensor[target.rows[0] : target.rows[1]]
+        yield hf_name, tensor.to(torch.bfloat16)
+
+
+@torch.inference_mode()
+def bench_transformers(model: Transformer, name: str, prompt_lengths, decode_contexts, decode_tokens):
+    """Hugging Face transformers (bf16, dequantized experts, eager attention) on the same weights."""
+    import transformers
+
+    config = transformers.GptOssConfig(**{k: v for k, v in model.config.to_hf_dict().items()
+                                          if k != "architectures"})
+    device = model.device
+    started = _sync_time()
+    with torch.device("meta"):
+        hf = transformers.GptOssForCausalLM._from_config(config, dtype=torch.bfloat16)
+    hf = hf.to_empty(device=device)
+    hf_state = hf.state_dict()
+    for hf_name, tensor in hf_state_dict(model):
+        hf_state[hf_name].copy_(tensor)
+    hf.model.rotary_emb = type(hf.model.rotary_emb)(config).to(device)  # its float32 tables are not weights
+    hf.eval()
+    load_s = _sync_time() - started
+    vocab = model.config.vocab_size
+    prefill = {}
+    for length in prompt_lengths:
+        tokens = torch.tensor([_prompt(length, vocab)], device=device)
+        times = []
+        for _ in range(2):
+            started = _sync_time()
+            hf(tokens, use_cache=False, logits_to_keep=1)
+            times.append(_sync_time() - started)
+        prefill[length] = length / min(times)
+    decode = {}
+    for context in decode_contexts:
+        tokens = torch.tensor([_prompt(context, vocab)], device=device)
+        times = []
+        for new in (1, decode_tokens + 1):  # the difference removes the prefill
+            started = _sync_time()
+            hf.generate(tokens, max_new_tokens=new, min_new_tokens=new, do_sample=False)
+            times.append(_sync_time() - started)
+        decode[context] = decode_tokens / (times[1] - times[0])
+    del hf
+    return BenchResult("transformers", name, torch.cuda.get_device_name(), load_s, prefill, decode,
+                       torch.cuda.max_memory_allocated() / 2**30)
+
+
+def format_table(results: list[BenchResult]) -> str:
+    lines = []
+    for r in results:
+        cells = [f"{r.engine} {r.model}", f"load {r.load_s:.1f} s"]
+        cells += [f"prefill {n}: {v:,.0f} tok/s" for n, v in r.prefill_tokens_per_s.items()]
+        cells += [f"decode @{n}: {v:,.1f} tok/s" for n, v in r.decode_tokens_per_s.items()]
+        cells.append(f"peak {r.peak_memory_gib:.1f} GiB")
+        lines.append(" | ".join(cells))
+    if len(results) == 2:
+        ours, theirs = results
+        ratios = [f"prefill {n}: {ours.prefill_tokens_per_s[n] / v:.1f}x" for n, v in theirs.prefill_tokens_per_s.items()
+                  if n in ours.prefill_tokens_per_s]
+        ratios += [f"decode @{n}: {ours.decode_tokens_per_s[n] / v:.1f}x" for n, v in theirs.decode_tokens_per_s.items()
+                   if n in ours.decode_tokens_per_s]
+        lines.append("gptoss / transformers: " + ", ".join(ratios))
+    return "\n".join(lines)
+
+
+def run(args) -> list[BenchResult]:
+    if not torch.cuda.is_available():
+        from gptoss.errors import GptOssError
+
+        raise GptOssError("gptoss bench needs a CUDA GPU")
+    device = "cuda"
+    started = _sync_time()
+    if args.checkpoint:
+        model, name = load_model(args.checkpoint, device=device, progress=None), str(args.checkpoint)
+    else:
+        model, name = random_model(args.preset, device), f"{args.preset} (random weights)"
+    load_s = _sync_time() - started
+    results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
+    print(format_table(results), flush=True)
+    if args.compare == "hf":
+        gc.collect()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        short = [n for n in args.prompt_lengths if n <= 4096]  # eager attention materializes N x N scores
+        contexts = [n for n in args.decode_contexts if n <= 4096]
+        results.append(bench_transformers(model, name, short, contexts, min(args.decode_tokens, 32)))
+        print(format_table(results), flush=True)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([dataclasses.asdict(r) for r in results], f, indent=2)
+    return results
