@@ -1,0 +1,491 @@
+"""A continuous-batching inference engine over a paged KV cache with prefix reuse.
+
+    engine = Engine(model, max_batch_size=64, context_length=8192)
+    engine.start()
+    async for out in engine.generate(prompt_tokens, SamplingParams(max_tokens=256, temperature=0.7, seed=1)):
+        ...  # out.token, out.logprob, out.top_logprobs, out.finish_reason
+
+Design (the ideas of nano-vllm's scheduler and block manager, written for this model's flat-token forward):
+
+- Storage: gptoss.paged_cache. Every request owns a block table into per-layer paged pools; blocks are freed when
+  it finishes, fails or is cancelled. Sliding-window layers keep all blocks of a request (one block table serves
+  every layer) and only gather the keys their window can see.
+- Prefix reuse: full blocks are registered under a chained hash of their token ids once their keys/values are
+  computed (prompt and generated tokens alike, so a follow-up turn reuses the whole conversation). At admission the
+  leading full blocks of a request are looked up and shared (reference counted); its prefill starts at the reused
+  length. At most (len - 1) // block_size blocks are reused, so the last token is always computed (its logits are
+  needed). Freed blocks keep their contents and stay findable until their space is needed.
+  stats()["cached_prefix_blocks"] counts the blocks served from that cache so far (cumulative hits);
+  the first TokenOutput of a request carries `cached_tokens`, the prompt tokens it did not recompute.
+- Scheduling: one background thread runs steps. A step either *prefills* newly admitted requests (one forward over
+  their packed uncomputed tokens) or *decodes* one token for every running request (one forward over the batch).
+  Prefill has priority, like vLLM's default scheduler. Admission is first come, first served: the head of the
+  queue is admitted while the batch has room (max_batch_size), the step's prefill budget (max_prefill_tokens; a
+  single request is always admitted alone however long) and free blocks for all its tokens. Otherwise requests
+  wait in the queue; nothing crashes for lack of memory.
+- Preemption: when a running request needs a new block (its tokens crossed a block boundary) and none is free, the
+  newest running request is preempted: its blocks are released (their computed full blocks stay in the prefix
+  cache) and it goes back to the front of the queue with its tokens so far; when it is admitted again it
+  recomputes what the prefix cache no longer holds and continues. Its sampler state is kept, so greedy and seeded
+  outputs are unaffected. A request never exceeds what the whole cache can hold (checked up front), so the oldest
+  running request always makes progress.
+- Sampling: per request, with its own params and (when seeded) its own torch.Generator; greedy rows and unseeded
+  rows with equal params are sampled batched. Logprobs are the log-softmax of the unscaled logits.
+- Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe. An exception in a step
+  fails the requests of that step (their generate iterator raises EngineError) and frees their blocks; the loop
+  keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
+  request and frees its blocks.
+- Compute: `_forward` is the single seam for a GPU fast path (a Triton paged-decode kernel that reads the pools
+  through the block tables, and per-batch-size CUDA graphs for decode steps). Today every device runs the pure
+  model through PagedKVCache, whose attention over a packed step costs O(step tokens x gathered keys).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import threading
+from collections import deque
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
+from gptoss.sampling import sample
+
+MAX_TOP_LOGPROBS = 20
+
+
+class EngineError(RuntimeError):
+    """A request failed inside the engine (a step raised, or the engine stopped); __cause__ holds the original."""
+
+
+@dataclass
+class SamplingParams:
+    max_tokens: int  # tokens to generate at most
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop_token_ids: tuple[int, ...] = (200002, 200012)  # generation ends after yielding one of these
+    logprobs: bool = False
+    top_logprobs: int = 0  # 0..20
+
+
+@dataclass
+class TokenOutput:
+    token: int
+    logprob: float | None = None  # log-softmax of the unscaled logits
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None  # "stop" (stop token) or "length" on the last token, else None
+    cached_tokens: int | None = None  # on the first output only: prompt tokens reused from the prefix cache
+
+
+class _Request:
+    __slots__ = ("id", "tokens", "prompt_len", "params", "stop", "generator", "loop", "queue", "block_table",
+                 "block_hashes", "hash_memo", "num_computed", "num_generated", "cached_tokens", "state", "cancelled")
+
+    def __init__(self, rid, tokens, params, generator, loop):
+        self.id = rid
+        self.tokens: list[int] = tokens  # prompt + generated so far
+        self.prompt_len = len(tokens)
+        self.params: SamplingParams = params
+        self.stop = frozenset(int(t) for t in params.stop_token_ids)
+        self.generator = generator
+        self.loop: asyncio.AbstractEventLoop = loop
+        self.queue: asyncio.Queue = asyncio.Queue()
+        self.block_table: list[int] = []
+        self.block_hashes: list[bytes] = []  # chained hashes of the leading full computed blocks
+        self.hash_memo: tuple[int, list[bytes]] = (-1, [])  # (len(tokens), chained hashes of its reusable blocks)
+        self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.num_generated = 0
+        self.cached_tokens: int | None = None  # set at first admission
+        self.state = "new"  # new -> waiting <-> running -> done
+        self.cancelled = False
+
+
+class Engine:
+    """Continuous batching over a paged KV cache (see the module docstring).
+
+    context_length: per-request limit on prompt + generated tokens.
+    num_blocks: KV cache blocks of block_size tokens. Default: enough for a quarter of max_batch_size full-context
+    requests, i.e. ceil(max_batch_size * context_length / 4 / block_size), and at least one full-context request.
+    (gpt-oss-20b in bf16 stores 48 KiB per token: the defaults, 64 x 8192 / 4 tokens, take 6 GiB.)
+    max_prefill_tokens: tokens one prefill step packs at most (a longer single request still runs alone).
+    enable_prefix_caching: reuse computed full blocks across requests.
+    """
+
+    def __init__(self, model, *, max_batch_size: int = 64, context_length: int = 8192, block_size: int = 16,
+                 num_blocks: int | None = None, max_prefill_tokens: int = 2048, enable_prefix_caching: bool = True):
+        config = model.config
+        if max_batch_size <= 0:
+            raise GptOssError(f"max_batch_size must be positive, got {max_batch_size}")
+        if not 0 < context_length <= config.max_context_length:
+            raise ContextLengthError(
+                f"context length {context_length} is outside 1..{config.max_context_length} (the model's maximum)"
+            )
+        if block_size <= 0:
+            raise GptOssError(f"block_size must be positive, got {block_size}")
+        if num_blocks is None:
+            num_blocks = max(-(-context_length // block_size), -(-max_batch_size * context_length // (4 * block_size)))
+        self.model = model
+        self.max_batch_size = max_batch_size
+        self.context_length = context_length
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.max_prefill_tokens = max_prefill_tokens
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = BlockManager(num_blocks, block_size)
+        self.cache = PagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
+        self._waiting: deque[_Request] = deque()
+        self._running: list[_Request] = []
+        self._cv = threading.Condition()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._ids = itertools.count()
+        self.num_preemptions = 0
+
+    # -- lifecycle ---------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Starts the background step loop (idempotent)."""
+        with self._cv:
+            if self._thread is not None and self._thread.is_alive():
+                return
+            self._stopping = False
+            self._thread = threading.Thread(target=self._loop, name="gptoss-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Stops the step loop after its current step; pending requests fail with EngineError."""
+        with self._cv:
+            thread = self._thread
+            self._stopping = True
+            self._cv.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join()
+        with self._cv:
+            self._thread = None
+            err = EngineError("the engine was stopped")
+            for req in list(self._waiting) + list(self._running):
+                self._fail(req, err)
+
+    def stats(self) -> dict:
+        """running / waiting requests; free_blocks (no user; includes blocks that still hold a reusable prefix);
+        total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
+        findable by prefix hash); preemptions (so far)."""
+        with self._cv:
+            return {
+                "running": len(self._running),
+                "waiting": len(self._waiting),
+                "free_blocks": self.blocks.num_free,
+                "total_blocks": self.blocks.num_blocks,
+                "cached_prefix_blocks": self.blocks.prefix_hit_blocks,
+                "hashed_blocks": self.blocks.num_cached,
+                "preemptions": self.num_preemptions,
+            }
+
+    # -- requests ----------------------------------------------------------------------------------------------
+    def check_request(self, prompt_tokens: Sequence[int], params: SamplingParams) -> list[int]:
+        """Validates a request synchronously (generate does it too); returns the prompt as a list of ints.
+        Raises ContextLengthError or GptOssError."""
+        prompt = [int(t) for t in prompt_tokens]
+        if not prompt:
+            raise GptOssError("the prompt is empty")
+        vocab = self.model.config.vocab_size
+        if not all(0 <= t < vocab for t in prompt):
+            raise GptOssError(f"prompt token ids must be in 0..{vocab - 1}")
+        if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
+            raise GptOssError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
+        if params.temperature < 0:
+            raise GptOssError(f"temperature must be >= 0, got {params.temperature}")
+        if not 0 < params.top_p <= 1:
+            raise GptOssError(f"top_p must be in (0, 1], got {params.top_p}")
+        if params.top_k < 0:
+            raise GptOssError(f"top_k must be >= 0, got {params.top_k}")
+        if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise GptOssError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {params.top_logprobs}")
+        total = len(prompt) + params.max_tokens
+        if total > self.context_length:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = {total} exceeds the context "
+                f"length of {self.context_length}"
+            )
+        capacity = self.num_blocks * self.block_size
+        if total > capacity:
+            raise ContextLengthError(
+                f"prompt of {len(prompt)} tokens + max_tokens {params.max_tokens} = {total} exceeds the KV cache's "
+                f"capacity of {capacity} tokens"
+            )
+        return prompt
+
+    async def generate(self, prompt_tokens: Sequence[int], params: SamplingParams) -> AsyncIterator[TokenOutput]:
+        """Yields one TokenOutput per generated token; the last one has finish_reason set. Raises
+        ContextLengthError / GptOssError on the first iteration for a bad request (before anything is queued),
+        EngineError if the engine fails the request. Stopping iteration early cancels the request."""
+        prompt = self.check_request(prompt_tokens, params)
+        generator = None
+        if params.seed is not None:
+            generator = torch.Generator(device=self.model.device).manual_seed(int(params.seed))
+        req = _Request(next(self._ids), prompt, params, generator, asyncio.get_running_loop())
+        self.start()
+        with self._cv:
+            req.state = "waiting"
+            self._waiting.append(req)
+            self._cv.notify_all()
+        try:
+            while True:
+                item = await req.queue.get()
+                if isinstance(item, BaseException):
+                    raise item
+                yield item
+                if item.finish_reason is not None:
+                    return
+        finally:
+            self._cancel(req)
+
+    def _cancel(self, req: _Request) -> None:
+        with self._cv:
+            if req.state == "done":
+                return
+            req.cancelled = True
+            if req.state == "waiting":
+                self._waiting.remove(req)
+                self._release(req)
+            # a running request is reaped by the step thread (its blocks may be in use by the current step)
+            self._cv.notify_all()
+
+    # -- bookkeeping (lock held) -------------------------------------------------------------------------------
+    def _release(self, req: _Request) -> None:
+        """Frees the request's blocks and marks it done (it must already be out of waiting/running)."""
+        self.blocks.release_all(req.block_table)
+        req.block_table = []
+        req.hash_memo = (-1, [])
+        req.state = "done"
+
+    def _emit(self, req: _Request, item) -> bool:
+        try:
+            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            return True
+        except RuntimeError:  # its event loop is closed: nobody is listening
+            return False
+
+    def _fail(self, req: _Request, err: BaseException) -> None:
+        if req.state == "done":
+            return
+        if req in self._running:
+            self._running.remove(req)
+        elif req in self._waiting:
+            self._waiting.remove(req)
+        self._release(req)
+        self._emit(req, err)
+
+    def _finish(self, req: _Request) -> None:
+        self._running.remove(req)
+        self._release(req)
+
+    def _preempt(self, req: _Request) -> None:
+        self.num_preemptions += 1
+        self._running.remove(req)
+        self.blocks.release_all(req.block_table)
+        req.block_table = []
+        req.block_hashes = []
+        req.num_computed = 0
+        req.state = "waiting"
+        self._waiting.appendleft(req)
+
+    def _match_prefix(self, req: _Request) -> tuple[list[int], list[bytes]]:
+        """Cached blocks for the request's leading full blocks (never the block of its last token)."""
+        hits, hashes = [], []
+        if not self.enable_prefix_caching:
+            return hits, hashes
+        bs = self.block_size
+        if req.hash_memo[0] != len(req.tokens):  # a waiting request is looked up at every step: hash it once
+            chain, prev = [], None
+            for i in range((len(req.tokens) - 1) // bs):
+                prev = block_hash(prev, req.tokens[i * bs : (i + 1) * bs])
+                chain.append(prev)
+            req.hash_memo = (len(req.tokens), chain)
+        for i, h in enumerate(req.hash_memo[1]):
+            block = self.blocks.lookup(h, req.tokens[i * bs : (i + 1) * bs])
+            if block is None:
+                break
+            hits.append(block)
+            hashes.append(h)
+        return hits, hashes
+
+    def _register_blocks(self, req: _Request) -> None:
+        """Registers the request's newly completed full blocks in the prefix cache."""
+        if not self.enable_prefix_caching:
+            return
+        bs = self.block_size
+        while len(req.block_hashes) < req.num_computed // bs:
+            i = len(req.block_hashes)
+            chunk = req.tokens[i * bs : (i + 1) * bs]
+            h = block_hash(req.block_hashes[-1] if req.block_hashes else None, chunk)
+            self.blocks.register(req.block_table[i], h, chunk)
+            req.block_hashes.append(h)
+
+    def _schedule(self) -> list[_Request]:
+        """Picks the next step's requests: newly admitted ones (a prefill) if any, else all running (a decode)."""
+        for req in [r for r in self._running if r.cancelled]:
+            self._finish(req)
+        admitted: list[_Request] = []
+        budget = self.max_prefill_tokens
+        while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
+            req = self._waiting[0]
+            hits, hashes = self._match_prefix(req)
+            to_compute = len(req.tokens) - len(hits) * self.block_size
+            if admitted and to_compute > budget:
+                break
+            need = self.blocks.blocks_for(len(req.tokens)) - len(hits)
+            free_hits = sum(1 for b in hits if self.blocks.ref_count[b] == 0)
+            if self.blocks.num_free - free_hits < need:
+                break  # first come, first served: the head of the queue waits for blocks
+            for b in hits:
+                self.blocks.acquire(b)
+            req.block_table = hits + [self.blocks.allocate() for _ in range(need)]
+            req.block_hashes = hashes
+            req.num_computed = len(hits) * self.block_size
+            self.blocks.prefix_hit_blocks += len(hits)
+            if req.cached_tokens is None:
+                req.cached_tokens = req.num_computed
+            req.state = "running"
+            self._waiting.popleft()
+            admitted.append(req)
+            budget -= to_compute
+        if admitted:
+            self._running.extend(admitted)
+            return admitted
+        batch = []
+        for req in list(self._running):  # oldest first; the newest are preempted first
+            if req.state != "running":
+                continue
+            while len(req.tokens) > len(req.block_table) * self.block_size:
+                if self.blocks.num_free == 0:
+                    self._preempt(self._running[-1])
+                    if req.state != "running":
+                        break
+                else:
+                    req.block_table.append(self.blocks.allocate())
+            if req.state == "running":
+                batch.append(req)
+        return batch
+
+    # -- the step loop -----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                while not self._stopping and not self._waiting and not self._running:
+                    self._cv.wait()
+                if self._stopping:
+                    return
+                try:
+                    batch = self._schedule()
+                except Exception as e:  # a bookkeeping bug: fail everyone rather than spin
+                    err = EngineError(f"engine scheduling failed: {e!r}")
+                    err.__cause__ = e
+                    for req in list(self._waiting) + list(self._running):
+                        self._fail(req, err)
+                    continue
+                if not batch:
+                    # waiting requests that cannot be admitted and nothing running cannot happen (each request
+                    # fits the cache alone); wait for a cancellation or a new request rather than spin
+                    self._cv.wait(timeout=0.05)
+                    continue
+            try:
+                self._step(batch)
+            except Exception as e:  # _step fails its own batch on model errors; this is a safety net for the rest
+                with self._cv:
+                    for req in batch:
+                        err = EngineError(f"engine step failed: {e!r}")
+                        err.__cause__ = e
+                        self._fail(req, err)
+
+    def _step(self, batch: list[_Request]) -> None:
+        try:
+            with torch.inference_mode():
+                entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
+                flat = [t for r in batch for t in r.tokens[r.num_computed :]]
+                tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
+                try:
+                    positions = self.cache.prepare(entries)
+                    logits = self._forward(tokens, positions)
+                finally:
+                    self.cache.finish()
+                last = torch.tensor(list(itertools.accumulate(len(r.tokens) - r.num_computed for r in batch)),
+                                    device=logits.device) - 1
+                outputs = self._sample(batch, logits[last])
+        except Exception as e:
+            with self._cv:
+                for req in batch:
+                    err = EngineError(f"engine step failed: {e!r}")
+                    err.__cause__ = e
+                    self._fail(req, err)
+            return
+        with self._cv:
+            for req, out in zip(batch, outputs):
+                if req.state != "running":
+                    continue
+                if req.cancelled:
+                    self._finish(req)
+                    continue
+                req.num_computed = len(req.tokens)
+                req.tokens.append(out.token)
+                req.num_generated += 1
+                self._register_blocks(req)
+                if out.token in req.stop:
+                    out.finish_reason = "stop"
+                elif req.num_generated >= req.params.max_tokens:
+                    out.finish_reason = "length"
+                if req.num_generated == 1:
+                    out.cached_tokens = req.cached_tokens
+                delivered = self._emit(req, out)
+                if out.finish_reason is not None or not delivered:
+                    self._finish(req)
+
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """(N,) packed tokens at their positions -> logits (N, V), with self.cache prepared for the step.
+
+        The seam for a GPU fast path: a Triton paged-decode kernel reading self.cache's pools through the block
+        tables, and per-batch-size CUDA graphs for decode steps, would be dispatched from here."""
+        return self.model(tokens, positions, self.cache)
+
+    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> list[TokenOutput]:
+        """logits (B, V), one row per request -> one TokenOutput per request (finish_reason not yet set)."""
+        n = len(batch)
+        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
+        greedy, groups = [], {}
+        for i, req in enumerate(batch):
+            p = req.params
+            if p.temperature <= 0:
+                greedy.append(i)
+            elif req.generator is not None:
+                chosen[i] = sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, req.generator)[0]
+            else:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
+        if greedy:
+            idx = torch.tensor(greedy, device=logits.device)
+            chosen[idx] = logits[idx].argmax(dim=-1)
+        for (temperature, top_k, top_p), rows in groups.items():
+            idx = torch.tensor(rows, device=logits.device)
+            chosen[idx] = sample(logits[idx], temperature, top_k, top_p)
+        tokens = chosen.tolist()
+        outputs = [TokenOutput(token=t) for t in tokens]
+        want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]
+        if want:
+            idx = torch.tensor(want, device=logits.device)
+            logp = torch.log_softmax(logits[idx].float(), dim=-1)
+            picked = logp.gather(1, chosen[idx][:, None])[:, 0].tolist()
+            k = max(batch[i].params.top_logprobs for i in want)
+            top_vals = top_ids = None
+            if k > 0:
+                top = torch.topk(logp, k, dim=-1)
+                top_vals, top_ids = top.values.tolist(), top.indices.tolist()
+            for row, i in enumerate(want):
+                outputs[i].logprob = picked[row]
+                kk = batch[i].params.top_logprobs
+                if kk > 0:
+                    outputs[i].top_logprobs = list(zip(top_ids[row][:kk], top_vals[row][:kk]))
+        return outputs
