@@ -52,6 +52,7 @@ from dataclasses import dataclass
 import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.kernels import use_triton
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
 from gptoss.sampling import sample
 
@@ -138,7 +139,10 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = BlockManager(num_blocks, block_size)
-        self.cache = PagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
+        cache_type = PagedKVCache
+        if use_triton(model.embedding.weight):
+            from gptoss.cuda_cache import TritonPagedKVCache as cache_type
+        self.cache = cache_type(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._cv = threading.Condition()
@@ -409,14 +413,14 @@ class Engine:
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
                 tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
+                last = torch.tensor(list(itertools.accumulate(len(r.tokens) - r.num_computed for r in batch)),
+                                    device=self.model.device) - 1  # each request's last fed token
                 try:
                     positions = self.cache.prepare(entries)
-                    logits = self._forward(tokens, positions)
+                    logits = self._forward(tokens, positions, last)
                 finally:
                     self.cache.finish()
-                last = torch.tensor(list(itertools.accumulate(len(r.tokens) - r.num_computed for r in batch)),
-                                    device=logits.device) - 1
-                outputs = self._sample(batch, logits[last])
+                outputs = self._sample(batch, logits)
         except Exception as e:
             with self._cv:
                 for req in batch:
@@ -445,12 +449,10 @@ class Engine:
                 if out.finish_reason is not None or not delivered:
                     self._finish(req)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """(N,) packed tokens at their positions -> logits (N, V), with self.cache prepared for the step.
-
-        The seam for a GPU fast path: a Triton paged-decode kernel reading self.cache's pools through the block
-        tables, and per-batch-size CUDA graphs for decode steps, would be dispatched from here."""
-        return self.model(tokens, positions, self.cache)
+    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor) -> torch.Tensor:
+        """(N,) packed tokens at their positions -> logits (B, V) of the rows `logits_rows`, with self.cache
+        prepared for the step. On CUDA the cache's attention and the MoE run as Triton kernels."""
+        return self.model(tokens, positions, self.cache, logits_rows=logits_rows)
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> list[TokenOutput]:
         """logits (B, V), one row per request -> one TokenOutput per request (finish_reason not yet set)."""

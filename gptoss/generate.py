@@ -86,7 +86,8 @@ class TokenGenerator:
             generator = torch.Generator(device=self.device).manual_seed(seed)
         self.cache.reset()
         tokens = torch.tensor(prompt, device=self.device)
-        logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache)[-1]
+        last = torch.tensor([len(prompt) - 1], device=self.device)
+        logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache, logits_rows=last)[0]
         generated = 0
         while True:
             token = sample(logits[None], temperature, top_k, top_p, generator)[0]

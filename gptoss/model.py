@@ -174,9 +174,16 @@ class Transformer(nn.Module):
     def device(self) -> torch.device:
         return self.embedding.weight.device
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None, cache=None) -> torch.Tensor:
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        positions: torch.Tensor | None = None,
+        cache=None,
+        logits_rows: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """tokens (N,) -> logits (N, V). Without a cache the tokens are one sequence at positions 0..N-1;
-        with one, `positions` says where each token sits (see gptoss.kv_cache)."""
+        with one, `positions` says where each token sits (see gptoss.kv_cache).
+        logits_rows (R,): compute logits only for these rows -> (R, V) (a prefill needs only its last row)."""
         if tokens.dim() != 1:
             raise ValueError(f"tokens must be a 1-D tensor, got shape {tuple(tokens.shape)}")
         if positions is None:
@@ -185,6 +192,8 @@ class Transformer(nn.Module):
         x = self.embedding(tokens)
         for block in self.block:
             x = block(x, positions, cos, sin, cache)
+        if logits_rows is not None:
+            x = x[logits_rows]
         return self.unembedding(self.norm(x))
 
     @classmethod

@@ -200,15 +200,20 @@ class PagedKVCache:
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None):
         """k, v (N, Hkv, D) of the step's tokens -> (keys (S, Hkv, D), values, mask (N, S)) over the step's sequences."""
+        flat_k, flat_v = self.write(layer, k, v)
+        key_slots, mask, _ = self._keys_for(window)
+        return flat_k[key_slots], flat_v[key_slots], mask
+
+    def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stores the step's k, v (N, Hkv, D) in their slots; returns the layer's pools flattened to slots."""
         if self._step is None:
-            raise RuntimeError("PagedKVCache.update called outside a prepared step")
+            raise RuntimeError("PagedKVCache used outside a prepared step")
         flat_k = self.key_pools[layer].view(-1, *k.shape[1:])
         flat_v = self.value_pools[layer].view(-1, *v.shape[1:])
         slots = self._step["slots"]
         flat_k[slots] = k.to(flat_k.dtype)
         flat_v[slots] = v.to(flat_v.dtype)
-        key_slots, mask, _ = self._keys_for(window)
-        return flat_k[key_slots], flat_v[key_slots], mask
+        return flat_k, flat_v
 
     def attend(self, layer, q, k, v, positions, window, sinks, sm_scale):
         """The model's cache protocol: stores k/v, then sink attention of q (N, Hq, D) over the step's keys.
