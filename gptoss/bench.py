@@ -78,6 +78,36 @@ def bench_gptoss(model: Transformer, name: str, load_s: float, prompt_lengths, d
                        torch.cuda.max_memory_allocated() / 2**30)
 
 
+def bench_engine(model: Transformer, concurrency: int, prompt_length: int, output_tokens: int) -> dict:
+    """Output tokens/s of the continuous-batching engine with `concurrency` requests in flight at once."""
+    import asyncio
+
+    from gptoss.engine import Engine, SamplingParams
+
+    engine = Engine(model, max_batch_size=concurrency, context_length=prompt_length + output_tokens + 16,
+                    num_blocks=concurrency * ((prompt_length + output_tokens) // 16 + 2))
+    params = SamplingParams(max_tokens=output_tokens, temperature=1.0, seed=0, stop_token_ids=())
+
+    async def one(i: int) -> int:
+        prompt = _prompt(prompt_length, model.config.vocab_size)
+        prompt[0] = i  # distinct prompts: no prefix sharing between requests
+        return sum([1 async for _ in engine.generate(prompt, params)])
+
+    async def run_all() -> int:
+        return sum(await asyncio.gather(*(one(i) for i in range(concurrency))))
+
+    engine.start()
+    try:
+        asyncio.run(run_all())  # warm-up: kernel compilation
+        started = time.perf_counter()
+        generated = asyncio.run(run_all())
+        elapsed = time.perf_counter() - started
+    finally:
+        engine.stop()
+    return {"concurrency": concurrency, "prompt_tokens": prompt_length, "output_tokens": generated,
+            "seconds": elapsed, "output_tokens_per_s": generated / elapsed}
+
+
 def hf_state_dict(model: Transformer):
     """Yields (HF name, tensor) for a transformers GptOssForCausalLM with dense bf16 experts."""
     state = model.state_dict()
@@ -165,6 +195,11 @@ def run(args) -> list[BenchResult]:
     else:
         model, name = random_model(args.preset, device), f"{args.preset} (random weights)"
     load_s = _sync_time() - started
+    if args.serve:
+        served = bench_engine(model, args.serve, prompt_length=1024, output_tokens=256)
+        print(f"engine: {served['concurrency']} concurrent requests x (1024 prompt + 256 output tokens): "
+              f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s)", flush=True)
+        return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
     print(format_table(results), flush=True)
     if args.compare == "hf":

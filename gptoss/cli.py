@@ -148,8 +148,51 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode run (default 128)")
     bench.add_argument("--compare", choices=("hf",), help="also run Hugging Face transformers on the same weights")
     bench.add_argument("--json", help="write the results to this file")
+    bench.add_argument("--serve", type=int, metavar="N", help="instead: output tokens/s of the batching engine with "
+                       "N concurrent requests (1024-token prompts, 256 output tokens each)")
     bench.set_defaults(func=cmd_bench)
+
+    chat = commands.add_parser("chat", help="chat in the terminal (harmony format, multi-turn)",
+                               description="Chat with the model: one message per line on stdin, until EOF or "
+                               "/exit; /reset clears the history. Works with piped stdin.")
+    _add_model_options(chat)
+    chat.add_argument("--reasoning", default="medium", choices=("low", "medium", "high"),
+                      help="reasoning effort (default medium)")
+    chat.add_argument("--system", default=None, help="system instructions")
+    chat.add_argument("--developer", default=None, help="developer instructions")
+    chat.add_argument("--show-reasoning", action="store_true", help="show the analysis channel (dimmed on a tty)")
+    chat.add_argument("-n", "--max-tokens", type=int, default=0,
+                      help="tokens to generate per turn at most (default 0: up to the context length)")
+    chat.add_argument("-t", "--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
+    chat.add_argument("--top-p", type=float, default=1.0)
+    chat.add_argument("--top-k", type=int, default=0)
+    chat.add_argument("--seed", type=int, default=None)
+    chat.set_defaults(func=_lazy("gptoss.chat", "cmd_chat"))
+
+    serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, responses)",
+                                description="Serve /v1/chat/completions, /v1/responses, /v1/models and /health "
+                                "with continuous batching.")
+    _add_model_options(serve)
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    serve.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    serve.add_argument("--api-key", default=None,
+                       help="require 'Authorization: Bearer KEY' (default: $GPTOSS_API_KEY, else no key)")
+    serve.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together (default 64)")
+    serve.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint "
+                       "folder's name)")
+    serve.set_defaults(func=_lazy("gptoss.server", "cmd_serve"))
     return parser
+
+
+def _lazy(module: str, name: str):
+    """A command function imported on first use (keeps `gptoss --help` fast; fastapi is only needed to serve)."""
+
+    def run(args) -> int:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)(args)
+
+    return run
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The GPU check run on the device machine: GPU tests, then the benchmarks recorded in the README.
+# Usage: bash scripts/gpu_run.sh [tests|bench20|bench120|serve]...   (logs under $OUT, default ./out)
+set -uo pipefail
+OUT=${OUT:-out}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/gpu.txt"
+for step in "$@"; do
+  case $step in
+    tests) python3 -m pytest -q -s tests/test_fast_path.py tests/test_attention_triton.py tests/test_moe_triton.py \
+             2>&1 | tee "$OUT/tests.log" | tail -n 25 ;;
+    bench20) python3 -m gptoss.cli bench --preset gpt-oss-20b --compare hf --json "$OUT/bench20.json" \
+             2>&1 | tee "$OUT/bench20.log" ;;
+    bench120) python3 -m gptoss.cli bench --preset gpt-oss-120b --json "$OUT/bench120.json" \
+             2>&1 | tee "$OUT/bench120.log" ;;
+    serve) python3 -m gptoss.cli bench --preset gpt-oss-20b --serve 64 2>&1 | tee "$OUT/serve.log" ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+done
