@@ -1,0 +1,45 @@
+"""`gptoss serve`: the command that loads a checkpoint and serves it with uvicorn."""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from gptoss.server.app import create_app
+
+
+def _served_model_name(folder: str) -> str:
+    """The checkpoint folder's name ("gpt-oss-20b" also for gpt-oss-20b/original)."""
+    path = os.path.normpath(os.path.abspath(folder))
+    if os.path.basename(path) == "original":
+        path = os.path.dirname(path)
+    return os.path.basename(path) or "gpt-oss"
+
+
+def cmd_serve(args) -> int:
+    """`gptoss serve`: load the checkpoint, start the engine and serve the OpenAI-compatible API with uvicorn."""
+    # Imported here: torch and uvicorn are slow to import and only this command needs them.
+    import uvicorn
+
+    from gptoss.checkpoint import load_model
+    from gptoss.cli import _checkpoint_or_demo, _default_device
+    from gptoss.engine import Engine
+
+    device = args.device or _default_device()
+    folder = _checkpoint_or_demo(args.checkpoint)
+    started = time.perf_counter()
+    model = load_model(folder, device=device, dequantize=args.dequantize, progress=None)
+    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
+    name = args.model_name or _served_model_name(folder)
+    api_key = args.api_key or os.environ.get("GPTOSS_API_KEY") or None
+    app = create_app(engine, name, api_key=api_key)
+    engine.start()
+    print(f"gptoss: serving {name!r} on http://{args.host}:{args.port}/v1"
+          f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+    finally:
+        engine.stop()
+    return 0
