@@ -44,29 +44,66 @@ class TritonKVCache(KVCache):
 
 
 class TritonPagedKVCache(PagedKVCache):
+    """One block beyond `num_blocks` is scratch space: padding rows of a graphed decode batch write there."""
+
+    def __init__(self, config, num_blocks: int, block_size: int, device=None, dtype=torch.bfloat16):
+        super().__init__(config, num_blocks + 1, block_size, device=device, dtype=dtype)
+        self.scratch_slot = num_blocks * block_size
+        self.decode_step: DecodeStepView | None = None  # set while GraphedBatchDecode records its steps
+
     def attend(self, layer, q, k, v, positions, window, sinks, sm_scale):
-        entries = self._step["entries"]
-        if q.shape[0] == len(entries):  # decode: one new token per sequence
-            self.write(layer, k, v)
-            block_table, seq_lens = self._decode_metadata()
-            return decode_attention(q, self.key_pools[layer], self.value_pools[layer], sinks, seq_lens, window,
-                                    sm_scale, block_table=block_table)
+        if self.decode_step is not None:  # decode: one new token per sequence, static metadata
+            step = self.decode_step
+            n_kv, head_dim = k.shape[1:]
+            self.key_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, k)
+            self.value_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, v)
+            return decode_attention(q, self.key_pools[layer], self.value_pools[layer], sinks, step.seq_lens, window,
+                                    sm_scale, block_table=step.block_table, max_context=step.max_context)
         keys, values, _ = self.update(layer, k, v, positions, window)
         out = torch.empty_like(q)
-        for (_, start, end), (q0, q1, k0, k1) in zip(entries, self._keys_for(window)[2]):
+        for (_, start, end), (q0, q1, k0, k1) in zip(self._step["entries"], self._keys_for(window)[2]):
             first = end - (k1 - k0)  # position of the sequence's first gathered key
             out[q0:q1] = prefill_attention(q[q0:q1], keys[k0:k1], values[k0:k1], sinks, start, window, sm_scale,
                                            first)
         return out
 
-    def _decode_metadata(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(B, max_blocks) int32 block tables (padded with 0) and (B,) int32 sequence lengths, once per step."""
-        if "block_table" not in self._step:
-            tables = [table for table, _, _ in self._step["entries"]]
-            padded = torch.zeros(len(tables), max(len(t) for t in tables), dtype=torch.int32)
-            for i, table in enumerate(tables):
-                padded[i, : len(table)] = table
-            ends = torch.tensor([end for _, _, end in self._step["entries"]], dtype=torch.int32)
-            self._step["block_table"] = padded.to(self.device, non_blocking=True)
-            self._step["seq_lens"] = ends.to(self.device, non_blocking=True)
-        return self._step["block_table"], self._step["seq_lens"]
+
+class DecodeStep:
+    """Static device metadata of a decode step for up to `max_batch` sequences, refilled before each replay:
+    positions and slots (B,) int64, sequence lengths (B,) int32, block tables (B, max_blocks) int32.
+    Padding rows (up to the captured batch size) write to the scratch slot and read nothing (length 0)."""
+
+    def __init__(self, cache: TritonPagedKVCache, max_batch: int, max_context: int):
+        self.cache = cache
+        self.max_context = max_context
+        max_blocks = -(-max_context // cache.block_size)
+        shapes = {"positions": ((max_batch,), torch.int64), "slots": ((max_batch,), torch.int64),
+                  "seq_lens": ((max_batch,), torch.int32), "block_table": ((max_batch, max_blocks), torch.int32)}
+        pinned = cache.device.type == "cuda"
+        self.host = {name: torch.zeros(shape, dtype=dtype, pin_memory=pinned) for name, (shape, dtype) in shapes.items()}
+        self.device = {name: torch.zeros(shape, dtype=dtype, device=cache.device)
+                       for name, (shape, dtype) in shapes.items()}
+
+    def view(self, batch: int) -> "DecodeStepView":
+        return DecodeStepView(**{name: t[:batch] for name, t in self.device.items()}, max_context=self.max_context)
+
+    def fill(self, entries, batch: int) -> None:
+        """entries [(block_table, start, end)] with end == start + 1, padded to `batch` rows."""
+        bs = self.cache.block_size
+        host = {name: t[:batch] for name, t in self.host.items()}
+        for t in host.values():
+            t.zero_()
+        host["slots"].fill_(self.cache.scratch_slot)
+        for i, (table, start, end) in enumerate(entries):
+            host["positions"][i] = start
+            host["slots"][i] = table[start // bs] * bs + start % bs
+            host["seq_lens"][i] = end
+            host["block_table"][i, : len(table)] = torch.as_tensor(table, dtype=torch.int32)
+        for name, t in host.items():
+            self.device[name][:batch].copy_(t, non_blocking=True)
+
+
+class DecodeStepView:
+    def __init__(self, positions, slots, seq_lens, block_table, max_context):
+        self.positions, self.slots, self.seq_lens, self.block_table = positions, slots, seq_lens, block_table
+        self.max_context = max_context

@@ -1,6 +1,9 @@
-"""One decode step (one token, batch 1) captured in a CUDA graph and replayed for every generated token."""
+"""Decode steps captured in CUDA graphs: one token of one sequence (TokenGenerator), or one token for each of a
+batch of sequences over the paged cache (the engine), per batch-size bucket."""
 
 import torch
+
+from gptoss.cuda_cache import DecodeStep, TritonPagedKVCache
 
 
 class GraphedDecodeStep:
@@ -34,3 +37,45 @@ class GraphedDecodeStep:
             self._capture()
         self.graph.replay()
         return self.logits
+
+
+class GraphedBatchDecode:
+    """The engine's decode steps: graphs captured per batch-size bucket (powers of two up to max_batch), smaller
+    batches padded up to their bucket. Captured on first use of each bucket."""
+
+    def __init__(self, model, cache: TritonPagedKVCache, max_batch: int, max_context: int):
+        self.model, self.cache = model, cache
+        self.step = DecodeStep(cache, max_batch, max_context)
+        self.tokens = torch.zeros(max_batch, dtype=torch.long, device=cache.device)
+        self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.logits: dict[int, torch.Tensor] = {}
+
+    def __call__(self, tokens: torch.Tensor, entries) -> torch.Tensor:
+        """tokens (B,) on the device, entries [(block_table, start, start + 1)] -> logits (B, V)."""
+        batch = len(entries)
+        bucket = next(b for b in self.buckets if b >= batch)
+        self.step.fill(entries, bucket)
+        self.tokens[:batch].copy_(tokens)
+        if bucket not in self.graphs:
+            self._capture(bucket)
+        self.graphs[bucket].replay()
+        return self.logits[bucket][:batch]
+
+    def _capture(self, bucket: int) -> None:
+        view = self.step.view(bucket)
+        tokens = self.tokens[:bucket]
+        self.cache.decode_step = view
+        try:
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream):
+                for _ in range(2):  # compile kernels; writes only the step's own slots (and scratch)
+                    self.model(tokens, view.positions, self.cache)
+            torch.cuda.current_stream().wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits[bucket] = self.model(tokens, view.positions, self.cache)
+            self.graphs[bucket] = graph
+        finally:
+            self.cache.decode_step = None

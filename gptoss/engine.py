@@ -139,10 +139,15 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = BlockManager(num_blocks, block_size)
-        cache_type = PagedKVCache
+        self.graphed_decode = None
         if use_triton(model.embedding.weight):
-            from gptoss.cuda_cache import TritonPagedKVCache as cache_type
-        self.cache = cache_type(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
+            from gptoss.cuda_cache import TritonPagedKVCache
+            from gptoss.cuda_graph import GraphedBatchDecode
+
+            self.cache = TritonPagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
+            self.graphed_decode = GraphedBatchDecode(model, self.cache, max_batch_size, context_length)
+        else:
+            self.cache = PagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._cv = threading.Condition()
@@ -415,12 +420,7 @@ class Engine:
                 tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
                 last = torch.tensor(list(itertools.accumulate(len(r.tokens) - r.num_computed for r in batch)),
                                     device=self.model.device) - 1  # each request's last fed token
-                try:
-                    positions = self.cache.prepare(entries)
-                    logits = self._forward(tokens, positions, last)
-                finally:
-                    self.cache.finish()
-                outputs = self._sample(batch, logits)
+                outputs = self._sample(batch, self._forward(tokens, entries, last))
         except Exception as e:
             with self._cv:
                 for req in batch:
@@ -449,10 +449,17 @@ class Engine:
                 if out.finish_reason is not None or not delivered:
                     self._finish(req)
 
-    def _forward(self, tokens: torch.Tensor, positions: torch.Tensor, logits_rows: torch.Tensor) -> torch.Tensor:
-        """(N,) packed tokens at their positions -> logits (B, V) of the rows `logits_rows`, with self.cache
-        prepared for the step. On CUDA the cache's attention and the MoE run as Triton kernels."""
-        return self.model(tokens, positions, self.cache, logits_rows=logits_rows)
+    def _forward(self, tokens: torch.Tensor, entries, logits_rows: torch.Tensor) -> torch.Tensor:
+        """(N,) packed tokens of the step's sequences (entries: (block_table, start, end) each) -> logits (B, V)
+        of the rows `logits_rows`. On CUDA attention and MoE run as Triton kernels, and decode steps (one token
+        per sequence) replay CUDA graphs."""
+        if self.graphed_decode is not None and len(tokens) == len(entries):
+            return self.graphed_decode(tokens, entries)
+        positions = self.cache.prepare(entries)
+        try:
+            return self.model(tokens, positions, self.cache, logits_rows=logits_rows)
+        finally:
+            self.cache.finish()
 
     def _sample(self, batch: list[_Request], logits: torch.Tensor) -> list[TokenOutput]:
         """logits (B, V), one row per request -> one TokenOutput per request (finish_reason not yet set)."""

@@ -105,7 +105,6 @@ class TokenGenerator:
 
     def _decode(self, token: torch.Tensor) -> torch.Tensor:
         """One step: token () -> logits (V,) for the next position."""
-        positions = self.cache.reserve(1)
         if self.graphed_decode is not None:
-            return self.graphed_decode(token, self.cache.length - 1)
-        return self.model(token[None], positions, self.cache)[-1]
+            return self.graphed_decode(token, self.cache.advance(1))
+        return self.model(token[None], self.cache.reserve(1), self.cache)[-1]

@@ -43,13 +43,18 @@ class KVCache(ReferenceAttentionCache):
 
     def reserve(self, num_tokens: int) -> torch.Tensor:
         """Claims the next num_tokens positions of the sequence and returns them as a (num_tokens,) tensor."""
+        start = self.advance(num_tokens)
+        return torch.arange(start, start + num_tokens, device=self.keys[0].device)
+
+    def advance(self, num_tokens: int) -> int:
+        """Claims the next num_tokens positions; returns the first (for callers that keep positions themselves)."""
         start = self.length
         if start + num_tokens > self.context_length:
             raise ContextLengthError(
                 f"{start + num_tokens} tokens exceed the KV cache's context length of {self.context_length}"
             )
         self.length += num_tokens
-        return torch.arange(start, start + num_tokens, device=self.keys[0].device)
+        return start
 
     def reset(self) -> None:
         self.length = 0

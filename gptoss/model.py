@@ -34,6 +34,10 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if use_triton(x):
+            from gptoss.kernels.attention_triton import rms_norm
+
+            return rms_norm(x, self.scale, RMS_NORM_EPS)
         t = x.float()
         t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + RMS_NORM_EPS)
         return (t * self.scale).to(x.dtype)
@@ -101,10 +105,14 @@ class AttentionBlock(nn.Module):
         n = x.shape[0]
         qkv = self.qkv(self.norm(x))  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q = qkv[:, :q_dim].view(n, self.n_heads, self.head_dim)
-        k = qkv[:, q_dim : q_dim + kv_dim].view(n, self.n_kv_heads, self.head_dim)
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if use_triton(qkv):  # one kernel rotates q and k
+            from gptoss.kernels.attention_triton import rope_and_cache_write
+
+            q, k = rope_and_cache_write(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+        else:
+            q = apply_rope(qkv[:, :q_dim].view(n, self.n_heads, self.head_dim), cos, sin)
+            k = apply_rope(qkv[:, q_dim : q_dim + kv_dim].view(n, self.n_kv_heads, self.head_dim), cos, sin)
         if cache is None:
             o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
         else:  # the cache stores k/v and runs attention over everything the queries may see

@@ -1,0 +1,682 @@
+"""Triton MoE over packed MXFP4 experts: a drop-in for `gptoss.kernels.moe.moe` that never materializes bf16 experts.
+
+Shapes: N tokens, H hidden, I per-expert intermediate, E experts, K experts per token, M = N * K (token, expert)
+pairs. Inputs exactly as the model stores them:
+  x            (N, H)          bf16 (or fp16 / fp32)
+  weights      (N, K)          routing weights from `route()`
+  expert_ids   (N, K)          int expert ids from `route()` (distinct within a token, as top-k gives)
+  mlp1_blocks  (E, 2I, H/32, 16) uint8, mlp1_scales (E, 2I, H/32) uint8, mlp1_bias (E, 2I)
+  mlp2_blocks  (E, H, I/32, 16)  uint8, mlp2_scales (E, H, I/32) uint8, mlp2_bias (E, H)
+MXFP4: value = FP4[code] * 2^(scale - 127); the low nibble of byte b is element 2b, the high nibble 2b+1.
+mlp1's rows interleave SwiGLU: row 2j is gate unit j, row 2j+1 its linear part.
+
+Pipeline:
+  kernel A: act[m] = SwiGLU(x[token(m)] @ W1[e(m)]^T + b1[e(m)])        act (M, I) in x's dtype
+  kernel B: y[pair(m)] = w(m) * (act[m] @ W2[e(m)]^T + b2[e(m)])        y (M, H), by pair (token * K + k)
+  out = y.view(N, K, H).sum(1)          the "tiny reduction": no atomics, so the result is deterministic
+Weights are read as packed bytes (or int32 words) and decoded in registers from their bits (no lookup table);
+products and sums are fp32.
+
+Two kernel families:
+  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 5 launches in all (x to fp32, A, B, sum, cast), no sort.
+    Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
+    expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
+    HBM once. The decode is instruction-bound, so the default FP4 decode ("w32") turns two codes into an fp16
+    pair with ~5 integer ops (see _fp4_pair16).
+  * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
+    (BN outputs) tiles; the tile table (expert, first row, end row) is built with torch ops on the device
+    (scatter_add / cumsum / searchsorted). Plain tl.dot (it lowers to wgmma on Hopper, mma on Ampere).
+Neither path synchronizes with the host: calls can be captured in a CUDA graph (after a first, autotuning call).
+
+Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+try:  # triton is optional (the `gpu` extra); the reference path never needs it
+    import triton
+    import triton.language as tl
+
+    HAS_TRITON = True
+except Exception:  # pragma: no cover - exercised only where triton is missing or broken
+    triton = None
+    tl = None
+    HAS_TRITON = False
+
+SWIGLU_ALPHA = 1.702
+DECODE_MAX_TOKENS = 8  # N <= this: GEMV kernels; above: grouped GEMM (tl.dot)
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def moe_fast_available(x: torch.Tensor) -> bool:
+    """True when moe_triton can run on x: triton importable, CUDA tensor of a float dtype, kernels not forced
+    to the reference (GPTOSS_KERNELS=reference)."""
+    from gptoss.kernels import use_reference
+
+    return (
+        HAS_TRITON
+        and not use_reference()
+        and x.is_cuda
+        and x.dim() == 2
+        and x.dtype in (torch.bfloat16, torch.float16, torch.float32)
+    )
+
+
+if HAS_TRITON:
+
+    # ------------------------------------------------------------------------------------------------------
+    # MXFP4 dequantization in registers. FP4 values are built from bits (no lookup table); the E8M0 block
+    # scale 2^(s - 127) is the float with exponent field s, applied per 32-element group.
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _fp4_code_value(c):
+        """c: uint32 codes 0..15 -> FP4 value (float32), branch-free 'safe' form (no subnormals involved)."""
+        em = c & 7
+        bits = tl.where(em >= 2, (em << 22) + 0x3F000000, em * 0x3F000000)  # 0x3F000000 = 0.5
+        return (bits | ((c & 8) << 28)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _fp4_unscaled(packed, DENORM: tl.constexpr):
+        """packed: uint8 bytes (any shape) -> (low, high) float32 FP4 values, block scale not applied:
+        element 2b is the low nibble of byte b, element 2b+1 the high nibble.
+
+        DENORM: code (s, e1 e0, m) placed as fp32 bits s | exponent field e | mantissa top bit m is the value
+        times 2^-126 (code 1 = 0.5 lands on the subnormal 2^-127), so one multiply by 2^126 finishes it:
+        3 integer ops + 1 multiply per element. Needs fp32 subnormals kept (plain fp32 multiplies on NVIDIA GPUs
+        keep them; tests check every byte). Otherwise the 'safe' compare/select form is used."""
+        p = packed.to(tl.uint32)
+        if DENORM:
+            lo = ((p << 22) & 0x01C00000) | ((p << 28) & 0x80000000)
+            hi = ((p << 18) & 0x01C00000) | ((p << 24) & 0x80000000)
+            two126 = 8.507059173023462e37
+            return lo.to(tl.float32, bitcast=True) * two126, hi.to(tl.float32, bitcast=True) * two126
+        else:
+            return _fp4_code_value(p & 15), _fp4_code_value(p >> 4)
+
+    @triton.jit
+    def _scale_value(s):
+        """uint8 E8M0 scale bytes -> 2^(s - 127) as float32 (s = 0 gives 0 instead of 2^-127)."""
+        return (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _mxfp4_dequant(packed, scale):
+        """packed uint8 bytes, scale uint8 (same shape) -> (low, high) float32 dequantized values."""
+        lo, hi = _fp4_unscaled(packed, False)
+        sc = _scale_value(scale)
+        return lo * sc, hi * sc
+
+    @triton.jit
+    def _swiglu(h_glu, h_lin, limit):
+        glu = tl.minimum(h_glu, limit)
+        lin = tl.minimum(tl.maximum(h_lin, -limit), limit)
+        return glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Decode: GEMV. Grid (M sorted rows, row blocks). Program (i, j) works only if sorted row i is the first
+    # row of its expert ("leader"); it then streams rows block j of that expert's packed matrix once per pair
+    # of the expert (count <= T, usually 1; repeats hit L1/L2), dequantizing in registers.
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DENORM: tl.constexpr):
+        """sum_k W[rows, k] * v[k] over packed rows (R,) int64 of a (rows, KDIM) MXFP4 matrix -> (R,) float32.
+        Tiles are (R, NG groups, 16 bytes): each thread owns whole 32-element groups, so the group sum and its
+        scale are in-thread; the cross-group sum happens once, after the loop."""
+        KBYTES: tl.constexpr = KDIM // 2
+        G: tl.constexpr = KDIM // 32
+        NG: tl.constexpr = BLOCK_K // 32
+        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
+        R: tl.constexpr = rows.shape[0]
+        gi = tl.arange(0, NG)
+        jb = tl.arange(0, 16)
+        jv = tl.arange(0, 32)
+        acc = tl.zeros((R, NG), dtype=tl.float32)
+        for k0 in range(0, KDIM, BLOCK_K):
+            g = k0 // 32 + gi  # (NG,) group index within the row
+            if EVEN:
+                m3 = rmask[:, None, None]
+                m2 = rmask[:, None]
+                b = tl.load(w_ptr + rows[:, None, None] * KBYTES + g[None, :, None] * 16 + jb[None, None, :],
+                            mask=m3, other=0)  # (R, NG, 16) uint8
+                s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)  # (R, NG) uint8
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)  # (NG, 32)
+            else:
+                gm = g < G
+                m3 = rmask[:, None, None] & gm[None, :, None]
+                m2 = rmask[:, None] & gm[None, :]
+                b = tl.load(w_ptr + rows[:, None, None] * KBYTES + g[None, :, None] * 16 + jb[None, None, :],
+                            mask=m3, other=0)
+                s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            lo, hi = _fp4_unscaled(b, DENORM)
+            w = tl.reshape(tl.join(lo, hi), (R, NG, 32))  # natural input order within each group
+            acc += tl.sum(w * v[None, :, :], axis=2) * _scale_value(s)
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _fp4_pair16(wd, K: tl.constexpr):
+        """wd: uint32 words (8 FP4 codes: inputs 8q .. 8q+7) -> float32 values of inputs 8q+K and 8q+4+K,
+        without the block scale and times 2^-14: t = wd >> 4K brings both codes to bits 0..3 and 16..19, and
+        ((t << 9) & 0x0E000E00) | ((t << 12) & 0x80008000) is the fp16 pair (exponent field e, mantissa top bit
+        m, sign); code 1 (0.5) becomes the fp16 subnormal 2^-15, which fp16 -> fp32 keeps exactly."""
+        t = wd >> (4 * K)
+        v = ((t << 9) & 0x0E000E00) | ((t << 12) & 0x80008000)
+        lo = v.to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True).to(tl.float32)
+        return lo, hi
+
+    @triton.jit
+    def _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Same as _gemv_rows, reading the packed bytes as int32 words (w_ptr: int32 view of the blocks; word q
+        of a row holds inputs 8q .. 8q+7) and decoding two codes per 32-bit op (_fp4_pair16): about half the
+        integer work of the byte-wise decode, which matters because the decode GEMV is instruction-bound.
+        Tiles (R, NG groups, 4 words): a thread owns whole groups, so everything up to the group sum is in-thread."""
+        KW: tl.constexpr = KDIM // 8  # int32 words per row
+        G: tl.constexpr = KDIM // 32
+        NG: tl.constexpr = BLOCK_K // 32
+        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
+        R: tl.constexpr = rows.shape[0]
+        gi = tl.arange(0, NG)
+        q = tl.arange(0, 4)  # word within the 32-input group
+        jv = tl.arange(0, 32)
+        acc = tl.zeros((R, NG), dtype=tl.float32)
+        for k0 in range(0, KDIM, BLOCK_K):
+            g = k0 // 32 + gi  # (NG,)
+            if EVEN:
+                m3 = rmask[:, None, None]
+                m2 = rmask[:, None]
+            else:
+                gm = g < G
+                m3 = rmask[:, None, None] & gm[None, :, None]
+                m2 = rmask[:, None] & gm[None, :]
+                vm = gm[:, None]
+            wd = tl.load(w_ptr + rows[:, None, None] * KW + g[None, :, None] * 4 + q[None, None, :], mask=m3,
+                         other=0).to(tl.uint32, bitcast=True)  # (R, NG, 4)
+            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)  # (R, NG) uint8
+            if EVEN:
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)  # (NG, 32)
+            else:
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=vm, other=0.0).to(tl.float32)
+            o0, o4 = _fp4_pair16(wd, 0)
+            o1, o5 = _fp4_pair16(wd, 1)
+            o2, o6 = _fp4_pair16(wd, 2)
+            o3, o7 = _fp4_pair16(wd, 3)
+            # nested joins whose row-major flattening is o0 .. o7: (R, NG, 4, 2, 2, 2) -> (R, NG, 32)
+            w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+            w = tl.reshape(w, (R, NG, 32))
+            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
+            acc += tl.sum(w * v[None, :, :], axis=2) * sc
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _fp4_sub32(wd, J: tl.constexpr):
+        """wd: uint32 words (codes of inputs 8q .. 8q+7) -> input 8q+J as float32 * 2^-126, unscaled: the code's
+        exponent/mantissa bits moved to fp32 bits 22..24, its sign to bit 31 (code 1 = 0.5 -> subnormal 2^-127)."""
+        if J <= 5:
+            em = (wd << (22 - 4 * J)) & 0x01C00000
+        else:
+            em = (wd >> (4 * J - 22)) & 0x01C00000
+        return (em | ((wd << (28 - 4 * J)) & 0x80000000)).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _gemv_rows_w32d(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """As _gemv_rows_w32 with the fp32-subnormal decode per input (3 integer ops, no conversion): products
+        are formed against v * 2^64 so they stay normal; 2^(126 - 64) is folded into the block scale."""
+        KW: tl.constexpr = KDIM // 8
+        G: tl.constexpr = KDIM // 32
+        NG: tl.constexpr = BLOCK_K // 32
+        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
+        R: tl.constexpr = rows.shape[0]
+        gi = tl.arange(0, NG)
+        q = tl.arange(0, 4)
+        jv = tl.arange(0, 32)
+        acc = tl.zeros((R, NG), dtype=tl.float32)
+        for k0 in range(0, KDIM, BLOCK_K):
+            g = k0 // 32 + gi
+            if EVEN:
+                m3 = rmask[:, None, None]
+                m2 = rmask[:, None]
+            else:
+                gm = g < G
+                m3 = rmask[:, None, None] & gm[None, :, None]
+                m2 = rmask[:, None] & gm[None, :]
+                vm = gm[:, None]
+            wd = tl.load(w_ptr + rows[:, None, None] * KW + g[None, :, None] * 4 + q[None, None, :], mask=m3,
+                         other=0).to(tl.uint32, bitcast=True)  # (R, NG, 4)
+            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)
+            if EVEN:
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)
+            else:
+                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=vm, other=0.0).to(tl.float32)
+            v = v * 1.8446744073709552e19  # 2^64
+            w = tl.join(tl.join(tl.join(_fp4_sub32(wd, 0), _fp4_sub32(wd, 4)), tl.join(_fp4_sub32(wd, 2), _fp4_sub32(wd, 6))),
+                        tl.join(tl.join(_fp4_sub32(wd, 1), _fp4_sub32(wd, 5)), tl.join(_fp4_sub32(wd, 3), _fp4_sub32(wd, 7))))
+            w = tl.reshape(w, (R, NG, 32))
+            sc = ((s.to(tl.uint32) + 62) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^(126 - 64)
+            acc += tl.sum(w * v[None, :, :], axis=2) * sc
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _first_of_expert(ids_ptr, i, M, MP: tl.constexpr):
+        """(pair i is NOT the first pair routed to its expert, that expert). ids: (M,) flat expert ids."""
+        e = tl.load(ids_ptr + i)
+        j = tl.arange(0, MP)
+        ids = tl.load(ids_ptr + j, mask=j < M, other=-1)
+        return tl.sum(((ids == e) & (j < i)).to(tl.int32), axis=0) > 0, e
+
+    @triton.jit
+    def _gemv(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr, FORM: tl.constexpr):
+        if FORM == 3:
+            r = _gemv_rows_w32d(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
+        elif FORM == 2:
+            r = _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
+        else:
+            r = _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K, FORM == 1)
+        return r
+
+    @triton.jit
+    def _mlp1_swiglu_gemv_kernel(
+        x_ptr,  # (N, H) activations
+        ids_ptr,  # (M,) expert id of each pair (token * K + k), any int dtype
+        w_ptr,  # (E, 2I, H/32, 16) uint8, or its int32 view (E, 2I, H/32, 4) when FORM >= 2
+        s_ptr,  # (E, 2I, H/32) uint8
+        b_ptr,  # (E, 2I)
+        act_ptr,  # (M, I) out, by pair
+        M,
+        limit,
+        H: tl.constexpr,
+        I: tl.constexpr,
+        K_ROUTE: tl.constexpr,
+        MP: tl.constexpr,  # power of two >= M
+        BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
+        BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
+        FORM: tl.constexpr,  # FP4 decode: 0 bytes/safe, 1 bytes/fp32-subnormal, 2 words/fp16 pairs, 3 words/fp32
+    ):
+        i = tl.program_id(0)
+        j = tl.program_id(1)
+        follower, e = _first_of_expert(ids_ptr, i, M, MP)
+        if follower:
+            return
+        R: tl.constexpr = 2 * BLOCK_U
+        local = j * R + tl.arange(0, R)  # rows within the expert: 2u gate, 2u+1 linear
+        rmask = local < 2 * I
+        rows = e.to(tl.int64) * (2 * I) + local
+        bias = tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        units = j * BLOCK_U + tl.arange(0, BLOCK_U)
+        for p in range(i, M):  # every pair routed to expert e (the first is i)
+            if tl.load(ids_ptr + p) == e:
+                tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
+                h = _gemv(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K, FORM) + bias  # (R,)
+                glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
+                out = _swiglu(glu, lin, limit)
+                tl.store(act_ptr + p * I + units, out.to(act_ptr.dtype.element_ty), mask=units < I)
+
+    @triton.jit
+    def _mlp2_gemv_kernel(
+        act_ptr,  # (M, I) by pair
+        ids_ptr,  # (M,) expert id of each pair
+        rw_ptr,  # (M,) routing weight of each pair
+        w_ptr,  # (E, H, I/32, 16) uint8, or its int32 view when FORM >= 2
+        s_ptr,  # (E, H, I/32) uint8
+        b_ptr,  # (E, H)
+        y_ptr,  # (M, H) out: routing weight * expert output, by pair
+        M,
+        H: tl.constexpr,
+        I: tl.constexpr,
+        MP: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # output rows per program
+        BLOCK_K: tl.constexpr,
+        FORM: tl.constexpr,
+    ):
+        i = tl.program_id(0)
+        j = tl.program_id(1)
+        follower, e = _first_of_expert(ids_ptr, i, M, MP)
+        if follower:
+            return
+        hs = j * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) output features
+        hmask = hs < H
+        rows = e.to(tl.int64) * H + hs
+        bias = tl.load(b_ptr + rows, mask=hmask, other=0.0).to(tl.float32)
+        for p in range(i, M):
+            if tl.load(ids_ptr + p) == e:
+                rw = tl.load(rw_ptr + p).to(tl.float32)
+                y = (_gemv(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K, FORM) + bias) * rw
+                tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
+
+    # ------------------------------------------------------------------------------------------------------
+    # Prefill: grouped GEMM. Grid (tiles, column blocks); tiles_ptr holds three int32 rows of length
+    # n_tiles: expert (-1 = unused tile), first sorted row, end sorted row (exclusive; rows of one expert).
+    # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _dequant_tile(w_ptr, s_ptr, rows, rmask, k0, KDIM: tl.constexpr, BK: tl.constexpr, DENORM: tl.constexpr):
+        """Packed rows (R,) int64 of a (rows, KDIM) MXFP4 matrix, inputs k0 .. k0+BK-1 -> (R, BK) float32."""
+        KBYTES: tl.constexpr = KDIM // 2
+        G: tl.constexpr = KDIM // 32
+        NG: tl.constexpr = BK // 32
+        R: tl.constexpr = rows.shape[0]
+        g = k0 // 32 + tl.arange(0, NG)
+        jb = tl.arange(0, 16)
+        if KDIM % BK == 0:
+            m3 = rmask[:, None, None]
+            m2 = rmask[:, None]
+        else:
+            m3 = rmask[:, None, None] & (g < G)[None, :, None]
+            m2 = rmask[:, None] & (g < G)[None, :]
+        b = tl.load(w_ptr + rows[:, None, None] * KBYTES + g[None, :, None] * 16 + jb[None, None, :], mask=m3,
+                    other=0)  # (R, NG, 16)
+        s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)  # (R, NG)
+        lo, hi = _fp4_unscaled(b, DENORM)
+        sc = _scale_value(s)[:, :, None]
+        return tl.reshape(tl.join(lo * sc, hi * sc), (R, BK))
+
+    @triton.jit
+    def _mlp1_swiglu_dot_kernel(
+        x_ptr,  # (N, H)
+        order_ptr,  # (M,) int32
+        tiles_ptr,  # (3, n_tiles) int32
+        n_tiles,
+        w_ptr,  # (E, 2I, H/32, 16) uint8
+        s_ptr,  # (E, 2I, H/32) uint8
+        b_ptr,  # (E, 2I)
+        act_ptr,  # (M, I) out
+        limit,
+        H: tl.constexpr,
+        I: tl.constexpr,
+        K_ROUTE: tl.constexpr,
+        BM: tl.constexpr,  # sorted rows per tile (host-chosen; the tile table depends on it)
+        BN: tl.constexpr,  # SwiGLU units per program (2 * BN interleaved weight rows, one dot)
+        BK: tl.constexpr,  # inputs per step
+        DENORM: tl.constexpr,
+        DOT_F32: tl.constexpr,  # upcast operands to fp32 (the CPU interpreter's bf16 dot is wrong)
+    ):
+        t = tl.program_id(0)
+        j = tl.program_id(1)
+        e = tl.load(tiles_ptr + t)
+        if e < 0:
+            return
+        start = tl.load(tiles_ptr + n_tiles + t)
+        end = tl.load(tiles_ptr + 2 * n_tiles + t)
+
+        rows = start + tl.arange(0, BM)  # (BM,) sorted rows
+        rmask = rows < end
+        pair = tl.load(order_ptr + rows, mask=rmask, other=0)
+        tok = (pair // K_ROUTE).to(tl.int64)
+
+        local = j * (2 * BN) + tl.arange(0, 2 * BN)  # weight rows within the expert, gate/linear interleaved
+        wmask = local < 2 * I
+        wrows = e.to(tl.int64) * (2 * I) + local
+
+        kx = tl.arange(0, BK)
+        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        for k0 in range(0, H, BK):
+            if H % BK == 0:
+                xm = rmask[:, None]
+            else:
+                xm = rmask[:, None] & ((k0 + kx) < H)[None, :]
+            xt = tl.load(x_ptr + tok[:, None] * H + (k0 + kx)[None, :], mask=xm, other=0.0)  # (BM, BK)
+            if DOT_F32:
+                xt = xt.to(tl.float32)
+            w = _dequant_tile(w_ptr, s_ptr, wrows, wmask, k0, H, BK, DENORM).to(xt.dtype)  # (2BN, BK)
+            acc = tl.dot(xt, tl.trans(w), acc)
+
+        h = acc + tl.load(b_ptr + wrows, mask=wmask, other=0.0).to(tl.float32)[None, :]
+        glu, lin = tl.split(tl.reshape(h, (BM, BN, 2)))
+        out = _swiglu(glu, lin, limit)  # (BM, BN)
+        units = j * BN + tl.arange(0, BN)
+        optr = act_ptr + rows.to(tl.int64)[:, None] * I + units[None, :]
+        tl.store(optr, out.to(act_ptr.dtype.element_ty), mask=rmask[:, None] & (units < I)[None, :])
+
+    @triton.jit
+    def _mlp2_dot_kernel(
+        act_ptr,  # (M, I) sorted rows
+        order_ptr,  # (M,) int32
+        rw_ptr,  # (M,) float32, original pair order
+        tiles_ptr,  # (3, n_tiles) int32
+        n_tiles,
+        w_ptr,  # (E, H, I/32, 16) uint8
+        s_ptr,  # (E, H, I/32) uint8
+        b_ptr,  # (E, H)
+        y_ptr,  # (M, H) out, original pair order
+        H: tl.constexpr,
+        I: tl.constexpr,
+        BM: tl.constexpr,
+        BN: tl.constexpr,  # output features per program
+        BK: tl.constexpr,
+        DENORM: tl.constexpr,
+        DOT_F32: tl.constexpr,
+    ):
+        t = tl.program_id(0)
+        j = tl.program_id(1)
+        e = tl.load(tiles_ptr + t)
+        if e < 0:
+            return
+        start = tl.load(tiles_ptr + n_tiles + t)
+        end = tl.load(tiles_ptr + 2 * n_tiles + t)
+
+        rows = start + tl.arange(0, BM)
+        rmask = rows < end
+        pair = tl.load(order_ptr + rows, mask=rmask, other=0).to(tl.int64)
+
+        hs = j * BN + tl.arange(0, BN)
+        hmask = hs < H
+        wrows = e.to(tl.int64) * H + hs
+
+        kx = tl.arange(0, BK)
+        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        for k0 in range(0, I, BK):
+            if I % BK == 0:
+                am = rmask[:, None]
+            else:
+                am = rmask[:, None] & ((k0 + kx) < I)[None, :]
+            at = tl.load(act_ptr + rows.to(tl.int64)[:, None] * I + (k0 + kx)[None, :], mask=am, other=0.0)
+            if DOT_F32:
+                at = at.to(tl.float32)
+            w = _dequant_tile(w_ptr, s_ptr, wrows, hmask, k0, I, BK, DENORM).to(at.dtype)  # (BN, BK)
+            acc = tl.dot(at, tl.trans(w), acc)
+
+        y = acc + tl.load(b_ptr + wrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
+        rw = tl.load(rw_ptr + pair, mask=rmask, other=0.0)
+        y = y * rw[:, None]
+        tl.store(y_ptr + pair[:, None] * H + hs[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=rmask[:, None] & hmask[None, :])
+
+    # ------------------------------------------------------------------------------------------------------
+    # Launch configurations. On a GPU the kernels are autotuned once per shape key (outputs are fully
+    # overwritten, so autotuning reruns are safe); under the interpreter one fixed small config is used.
+    # ------------------------------------------------------------------------------------------------------
+    def _gemv_configs(rows_name: str, pairs: bool) -> list:
+        out = []
+        for rows, bk, warps in [(32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (16, 512, 4),
+                                (128, 256, 8)]:
+            out.append(triton.Config({rows_name: rows // 2 if pairs else rows, "BLOCK_K": bk}, num_warps=warps,
+                                     num_stages=1))
+        return out
+
+    def _dot_configs() -> list:
+        return [
+            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
+            for bn, bk, w, s in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3),
+                                 (32, 128, 4, 4)]
+        ]
+
+    _TUNED: dict = {}
+
+    def _tuned(name: str):
+        if name not in _TUNED:
+            if name == "mlp1_gemv":
+                k = triton.autotune(_gemv_configs("BLOCK_U", True), key=["H", "I"])(_mlp1_swiglu_gemv_kernel)
+            elif name == "mlp2_gemv":
+                k = triton.autotune(_gemv_configs("BLOCK_H", False), key=["H", "I"])(_mlp2_gemv_kernel)
+            elif name == "mlp1_dot":
+                k = triton.autotune(_dot_configs(), key=["H", "I"])(_mlp1_swiglu_dot_kernel)
+            else:
+                k = triton.autotune(_dot_configs(), key=["H", "I"])(_mlp2_dot_kernel)
+            _TUNED[name] = k
+        return _TUNED[name]
+
+
+def _empty(shape, dtype, device) -> torch.Tensor:
+    """Intermediate buffers (tests replace this with a NaN-filled allocation to prove every element is written)."""
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _denorm_default() -> bool:
+    """FP4 decode form: 'denorm' (fewer ops; default) or 'safe' (GPTOSS_MXFP4_DEQUANT=safe)."""
+    return os.environ.get("GPTOSS_MXFP4_DEQUANT", "denorm") != "safe"
+
+
+def _tile_table(flat_e: torch.Tensor, E: int, M: int, BM: int) -> tuple[torch.Tensor, int]:
+    """flat expert ids (M,) int64 -> int32 (3, n_tiles): expert (-1 unused), first sorted row, end sorted row.
+    n_tiles = cdiv(M, BM) + min(E, M) bounds the number of real tiles; built on device, no host sync."""
+    counts = torch.zeros(E, dtype=torch.int64, device=flat_e.device)
+    counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))  # (E,) pairs per expert (bincount would sync)
+    seg_end = torch.cumsum(counts, 0)
+    seg_start = seg_end - counts
+    tiles = (counts + BM - 1) // BM
+    tile_end = torch.cumsum(tiles, 0)  # (E,) exclusive end of each expert's range of tiles
+    n_tiles = (M + BM - 1) // BM + min(E, M)
+    t = torch.arange(n_tiles, device=counts.device)
+    te = torch.searchsorted(tile_end, t, right=True)  # expert of tile t (E: unused)
+    tec = te.clamp(max=E - 1)
+    start = seg_start[tec] + (t - (tile_end[tec] - tiles[tec])) * BM
+    end = seg_end[tec]
+    te = torch.where(te < E, te, torch.full_like(te, -1))
+    return torch.stack((te, start, end)).to(torch.int32).contiguous(), n_tiles
+
+
+def moe_triton(
+    x: torch.Tensor,
+    weights: torch.Tensor,
+    expert_ids: torch.Tensor,
+    mlp1_blocks: torch.Tensor,
+    mlp1_scales: torch.Tensor,
+    mlp1_bias: torch.Tensor,
+    mlp2_blocks: torch.Tensor,
+    mlp2_scales: torch.Tensor,
+    mlp2_bias: torch.Tensor,
+    swiglu_limit: float,
+    *,
+    path: str = "auto",
+    config: dict | None = None,
+    denorm: bool | None = None,
+    gemv_form: str | None = None,
+) -> torch.Tensor:
+    """sum_k weights[:, k] * expert_{ids[:, k]}(x) as (N, H) in x's dtype; the same function as
+    gptoss.kernels.moe.moe with MXFP4 expert stores, computed from the packed bytes.
+
+    path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
+    config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
+      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; gemm: {"BM", "BN", "BK", "num_warps", "num_stages"}.
+    denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
+    gemv_form: FP4 decode in the GEMV path: "w32" (int32 words, two codes per op; default), "denorm" or "safe"
+      (byte-wise); None reads GPTOSS_MXFP4_GEMV.
+    Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
+    No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
+    """
+    if not HAS_TRITON:
+        raise RuntimeError("moe_triton needs triton")
+    N, H = x.shape
+    K = expert_ids.shape[1]
+    E, R1, G1, _ = mlp1_blocks.shape
+    I = R1 // 2
+    if mlp1_blocks.dtype != torch.uint8 or mlp2_blocks.dtype != torch.uint8:
+        raise TypeError("MXFP4 blocks must be uint8")
+    if G1 * 32 != H or tuple(mlp2_blocks.shape) != (E, H, I // 32, 16) or I % 32 != 0:
+        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, mlp1 {tuple(mlp1_blocks.shape)}, "
+                         f"mlp2 {tuple(mlp2_blocks.shape)}")
+    if mlp1_scales.shape != mlp1_blocks.shape[:-1] or mlp2_scales.shape != mlp2_blocks.shape[:-1]:
+        raise ValueError("MXFP4 scales do not match blocks")
+    for t in (mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias):
+        if not t.is_contiguous():
+            raise ValueError("expert tensors must be contiguous")
+    if N == 0:
+        return torch.zeros_like(x)
+    x = x.contiguous()
+    M = N * K
+    dev = x.device
+    denorm = _denorm_default() if denorm is None else denorm
+    interp = _interpreting()
+    limit = float(swiglu_limit)
+
+    if path == "auto":
+        path = "gemv" if N <= DECODE_MAX_TOKENS else "gemm"
+
+    if path == "gemv":
+        # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
+        ids = expert_ids.reshape(-1).contiguous()
+        rwp = weights.reshape(-1).contiguous()
+        MP = _next_pow2(M)
+        form = {"safe": 0, "denorm": 1, "w32": 2, "w32d": 3}[gemv_form or os.environ.get("GPTOSS_MXFP4_GEMV", "w32")]
+        w1 = mlp1_blocks.view(torch.int32) if form >= 2 else mlp1_blocks  # (E, 2I, H/32, 4) words
+        w2 = mlp2_blocks.view(torch.int32) if form >= 2 else mlp2_blocks
+        # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a
+        # bf16 -> fp32 conversion in the kernel would cost ~1.5 instructions per weight element
+        xf = x.float()
+        act = _empty((M, I), torch.float32, dev)
+        y = _empty((M, H), torch.float32, dev)  # weighted expert outputs, by pair (fp32: the K terms can cancel)
+        if config is None and not interp:
+            k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
+            k1[lambda m: (M, triton.cdiv(2 * I, 2 * m["BLOCK_U"]))](
+                xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, FORM=form)
+            k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](
+                act, ids, rwp, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I, MP=MP, FORM=form)
+        else:
+            c = {"BLOCK_U": 16, "BLOCK_H": 32, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
+            _mlp1_swiglu_gemv_kernel[(M, triton.cdiv(I, c["BLOCK_U"]))](
+                xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP,
+                BLOCK_U=c["BLOCK_U"], BLOCK_K=c["BLOCK_K"], FORM=form, num_warps=c["num_warps"])
+            _mlp2_gemv_kernel[(M, triton.cdiv(H, c["BLOCK_H"]))](
+                act, ids, rwp, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I, MP=MP,
+                BLOCK_H=c["BLOCK_H"], BLOCK_K=c["BLOCK_K"], FORM=form, num_warps=c["num_warps"])
+        return y.view(N, K, H).sum(1).to(x.dtype)
+
+    if path != "gemm":
+        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    flat_e = expert_ids.reshape(-1)
+    _, order = torch.sort(flat_e.to(torch.int32), stable=True)  # (M,): pairs grouped by expert
+    order = order.to(torch.int32)  # sorted row -> pair
+    rw = weights.reshape(-1).to(torch.float32).contiguous()  # (M,) routing weight per pair
+    act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
+    cfg = dict(config or {})
+    BM = cfg.pop("BM", None)
+    if BM is None:  # rows per tile from the mean rows per used expert
+        BM = min(128, max(16, _next_pow2(M // max(1, min(E, M)))))
+    tiles, n_tiles = _tile_table(flat_e.long(), E, M, BM)
+    y = _empty((M, H), torch.float32, dev)  # weighted expert outputs, pair order
+    if not cfg and not interp:
+        k1, k2 = _tuned("mlp1_dot"), _tuned("mlp2_dot")
+        k1[lambda m: (n_tiles, triton.cdiv(I, m["BN"]))](
+            x, order, tiles, n_tiles, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit,
+            H=H, I=I, K_ROUTE=K, BM=BM, DENORM=denorm, DOT_F32=False)
+        k2[lambda m: (n_tiles, triton.cdiv(H, m["BN"]))](
+            act, order, rw, tiles, n_tiles, mlp2_blocks, mlp2_scales, mlp2_bias, y,
+            H=H, I=I, BM=BM, DENORM=denorm, DOT_F32=False)
+    else:
+        c = {"BN": 32, "BK": 64, "num_warps": 4, "num_stages": 2, **cfg}
+        _mlp1_swiglu_dot_kernel[(n_tiles, triton.cdiv(I, c["BN"]))](
+            x, order, tiles, n_tiles, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit,
+            H=H, I=I, K_ROUTE=K, BM=BM, BN=c["BN"], BK=c["BK"], DENORM=denorm, DOT_F32=interp,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        _mlp2_dot_kernel[(n_tiles, triton.cdiv(H, c["BN"]))](
+            act, order, rw, tiles, n_tiles, mlp2_blocks, mlp2_scales, mlp2_bias, y,
+            H=H, I=I, BM=BM, BN=c["BN"], BK=c["BK"], DENORM=denorm, DOT_F32=interp,
+            num_warps=c["num_warps"], num_stages=c["num_stages"])
+    return y.view(N, K, H).sum(1).to(x.dtype)
+
+
+def moe_triton_from_stores(x, weights, expert_ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_limit,
+                           **kwargs) -> torch.Tensor:
+    """Same signature as gptoss.kernels.moe.moe, taking MXFP4Experts stores (with .blocks / .scales)."""
+    return moe_triton(x, weights, expert_ids, mlp1_weight.blocks, mlp1_weight.scales, mlp1_bias,
+                      mlp2_weight.blocks, mlp2_weight.scales, mlp2_bias, swiglu_limit, **kwargs)

@@ -1,0 +1,218 @@
+"""Triton MoE over packed MXFP4 experts (gptoss.kernels.moe_triton) against the PyTorch reference moe().
+
+GPU tests need CUDA and triton (skipped in CI). The interpreter tests run the same kernels on the CPU with tiny
+shapes when GPTOSS_TRITON_INTERPRET_TESTS=1 (they set TRITON_INTERPRET=1 before triton is imported):
+    GPTOSS_TRITON_INTERPRET_TESTS=1 python -m pytest tests/test_moe_triton.py -q
+"""
+
+import os
+
+import pytest
+import torch
+
+INTERPRET = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
+if INTERPRET:
+    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+
+triton = pytest.importorskip("triton")
+
+from gptoss.experts import MXFP4Experts  # noqa: E402
+from gptoss.kernels.moe import moe, route  # noqa: E402
+from gptoss.kernels.moe_triton import _fp4_unscaled, _scale_value, moe_fast_available, moe_triton  # noqa: E402
+
+tl = pytest.importorskip("triton.language")
+
+GPU = torch.cuda.is_available() and not INTERPRET
+
+
+def make_layer(E, H, I, device, seed=0):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    mlp1 = MXFP4Experts(E, 2 * I, H, device=device)
+    mlp2 = MXFP4Experts(E, H, I, device=device)
+    for store in (mlp1, mlp2):
+        store.blocks.copy_(torch.randint(0, 256, store.blocks.shape, generator=g, dtype=torch.uint8))
+        store.scales.copy_(torch.randint(118, 125, store.scales.shape, generator=g, dtype=torch.uint8))
+    b1 = (torch.randn(E, 2 * I, generator=g) * 0.5).to(torch.bfloat16).to(device)
+    b2 = (torch.randn(E, H, generator=g) * 0.5).to(torch.bfloat16).to(device)
+    return mlp1, b1, mlp2, b2
+
+
+def make_tokens(N, E, H, K, device, seed=1):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = torch.randn(N, H, generator=g).to(torch.bfloat16).to(device)
+    logits = torch.randn(N, E, generator=g).to(device)
+    w, ids = route(logits, K)
+    return x, w.to(torch.bfloat16), ids
+
+
+@pytest.fixture(autouse=True)
+def poison_buffers(monkeypatch):
+    """Intermediate buffers start as NaN: an element the kernels fail to write poisons the output."""
+    import gptoss.kernels.moe_triton as mt
+
+    monkeypatch.setattr(mt, "_empty", lambda shape, dtype, device: torch.full(shape, float("nan"), dtype=dtype,
+                                                                              device=device))
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
+def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=1e-2, denorm=None, gemv_form=None):
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed)
+    x, w, ids = make_tokens(N, E, H, K, device, seed=seed + 100)
+    ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
+    out = torch.full_like(ref, float("nan"))  # poison: the result must be fully written
+    out.copy_(moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0,
+                         path=path, config=config, denorm=denorm, gemv_form=gemv_form))
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    assert torch.isfinite(out).all()
+    err = rel_err(out, ref)
+    assert err <= tol, f"N={N} path={path}: relative error {err:.3e}"
+    return err
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# CPU interpreter (opt-in, tiny shapes)
+# ---------------------------------------------------------------------------------------------------------------
+interp_only = pytest.mark.skipif(not INTERPRET, reason="set GPTOSS_TRITON_INTERPRET_TESTS=1 to run the interpreter")
+
+
+@interp_only
+@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d"])
+@pytest.mark.parametrize("N", [1, 3, 8])
+def test_interpret_gemv(N, form):
+    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", gemv_form=form,
+          config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32})
+
+
+@interp_only
+@pytest.mark.parametrize("denorm", [False, True])
+@pytest.mark.parametrize("N", [1, 5, 33])
+def test_interpret_gemm(N, denorm):
+    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemm", denorm=denorm, config={"BM": 16, "BN": 16, "BK": 32})
+
+
+@interp_only
+def test_interpret_uneven_k():
+    # H = I = 96: BK = 64 leaves a masked tail step; BLOCK_U / BLOCK_H do not divide the rows
+    check(7, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 16, "BN": 32, "BK": 64})
+    for form in ("denorm", "w32", "w32d"):
+        check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv", gemv_form=form,
+              config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
+
+
+@triton.jit
+def _dequant_kernel(b_ptr, s_ptr, lo_ptr, hi_ptr, n, BLOCK: tl.constexpr, DENORM: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    m = offs < n
+    lo, hi = _fp4_unscaled(tl.load(b_ptr + offs, mask=m, other=0), DENORM)
+    sc = _scale_value(tl.load(s_ptr + offs, mask=m, other=127))
+    lo, hi = lo * sc, hi * sc
+    tl.store(lo_ptr + offs, lo, mask=m)
+    tl.store(hi_ptr + offs, hi, mask=m)
+
+
+def _dequant_all_bytes(device, denorm):
+    """Every byte 0..255 under scales 100..150 through the kernels' _mxfp4_dequant vs mxfp4.dequantize."""
+    from gptoss import mxfp4
+
+    scales = torch.arange(100, 151, dtype=torch.uint8)
+    blocks = torch.arange(256, dtype=torch.uint8)
+    b = blocks.repeat(len(scales)).to(device)  # (S * 256,)
+    s = scales.repeat_interleave(256).to(device)
+    lo, hi = torch.empty(b.shape, device=device), torch.empty(b.shape, device=device)
+    _dequant_kernel[(triton.cdiv(b.numel(), 256),)](b, s, lo, hi, b.numel(), BLOCK=256, DENORM=denorm)
+    ref = mxfp4.dequantize(blocks.repeat(len(scales), 1).view(len(scales), 16, 16),
+                           scales.repeat_interleave(16).view(len(scales), 16), torch.float32)  # (S, 512)
+    got = torch.stack((lo, hi), -1).view(len(scales), 512).cpu()
+    assert torch.equal(got, ref)
+    assert torch.equal(torch.signbit(got), torch.signbit(ref))
+
+
+@interp_only
+@pytest.mark.parametrize("denorm", [False, True])
+def test_interpret_dequant_exact(denorm):
+    _dequant_all_bytes("cpu", denorm)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------------------------
+gpu_only = pytest.mark.skipif(not GPU, reason="needs CUDA")
+
+
+@gpu_only
+@pytest.mark.parametrize("denorm", [False, True])
+def test_gpu_dequant_exact(denorm):
+    _dequant_all_bytes("cuda", denorm)
+
+
+@gpu_only
+def test_fast_available():
+    assert moe_fast_available(torch.zeros(2, 64, device="cuda", dtype=torch.bfloat16))
+    assert not moe_fast_available(torch.zeros(2, 64, dtype=torch.bfloat16))
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [1, 3, 127, 128, 129])
+def test_gpu_small_shapes(N):
+    check(N, E=8, H=256, I=128, K=4, device="cuda", seed=N)
+
+
+@gpu_only
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+@pytest.mark.parametrize("N", [1, 2, 5, 8])
+def test_gpu_both_paths_decode_sizes(N, path):
+    check(N, E=32, H=2880, I=2880, K=4, device="cuda", path=path, seed=10 + N)
+
+
+@gpu_only
+@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d"])
+@pytest.mark.parametrize("N", [1, 3])
+def test_gpu_gemv_forms(N, form):
+    check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemv", gemv_form=form, seed=30 + N)
+    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemv", gemv_form=form, seed=40 + N,
+          config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})  # masked tails
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [1, 3, 127, 128, 129, 4097])
+def test_gpu_real_shapes(N):
+    # gpt-oss-20b expert shapes
+    check(N, E=32, H=2880, I=2880, K=4, device="cuda", seed=20 + N)
+
+
+@gpu_only
+def test_gpu_skewed_routing():
+    """All tokens on the same 4 experts (one expert segment spans many tiles)."""
+    E, H, I, K, N = 32, 2880, 2880, 4, 1000
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=5)
+    x, _, _ = make_tokens(N, E, H, K, "cuda", seed=6)
+    logits = torch.randn(N, E, device="cuda")
+    logits[:, 3:7] += 100.0
+    w, ids = route(logits, K)
+    w = w.to(torch.bfloat16)
+    ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
+    out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
+    assert rel_err(out, ref) <= 1e-2
+
+
+@gpu_only
+@pytest.mark.parametrize("N", [1, 16])
+def test_gpu_cuda_graph(N):
+    """No host sync on either path: the call captures into a CUDA graph and replays on new inputs."""
+    E, H, I, K = 32, 2880, 2880, 4
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=7)
+    x, w, ids = make_tokens(N, E, H, K, "cuda", seed=8)
+    args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
+    moe_triton(x, w, ids, *args)  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_triton(x, w, ids, *args)
+    x2, w2, ids2 = make_tokens(N, E, H, K, "cuda", seed=9)
+    x.copy_(x2), w.copy_(w2), ids.copy_(ids2)
+    graph.replay()
+    ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
+    assert rel_err(out, ref) <= 1e-2
