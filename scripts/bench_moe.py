@@ -120,17 +120,19 @@ def main():
         avg_bytes = sum(bb for _, bb in nbytes) / len(nbytes)
         avg_u = sum(u for u, _ in nbytes) / len(nbytes)
         variants = [("gemv/w32", dict(path="gemv", gemv_form="w32")),
+                    ("gemv/w32c", dict(path="gemv", gemv_form="w32c")),
+                    ("gemv/w32p", dict(path="gemv", gemv_form="w32p")),
                     ("gemv/w32d", dict(path="gemv", gemv_form="w32d")),
                     ("gemv/denorm", dict(path="gemv", gemv_form="denorm")),
                     ("gemv/safe", dict(path="gemv", gemv_form="safe")),
                     ("gemm", dict(path="gemm"))]
         if N == 1 and not args.quick:
-            for bu, bk, nw in [(16, 256, 4), (32, 256, 4), (16, 512, 4), (32, 512, 8), (8, 256, 2), (8, 512, 4),
-                               (16, 128, 4)]:
-                variants.append((f"w32 U{bu} K{bk} w{nw}", dict(path="gemv", gemv_form="w32", config=dict(
-                    BLOCK_U=bu, BLOCK_H=2 * bu, BLOCK_K=bk, num_warps=nw))))
+            for form in ("w32", "w32c", "w32p"):
+                for bu, bk, nw in [(16, 256, 4), (32, 256, 8), (16, 512, 4), (8, 256, 2), (16, 128, 4)]:
+                    variants.append((f"{form} U{bu} K{bk} w{nw}", dict(path="gemv", gemv_form=form, config=dict(
+                        BLOCK_U=bu, BLOCK_H=2 * bu, BLOCK_K=bk, num_warps=nw))))
         if N > 1 and not args.quick:
-            variants = variants[:1] + variants[-1:]
+            variants = variants[:3] + [("gemm", dict(path="gemm"))]
         for variant, kw in variants:
             try:
                 state = {"i": 0}

@@ -79,7 +79,7 @@ interp_only = pytest.mark.skipif(not INTERPRET, reason="set GPTOSS_TRITON_INTERP
 
 
 @interp_only
-@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d"])
+@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d", "w32c", "w32p"])
 @pytest.mark.parametrize("N", [1, 3, 8])
 def test_interpret_gemv(N, form):
     check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", gemv_form=form,
@@ -97,7 +97,7 @@ def test_interpret_gemm(N, denorm):
 def test_interpret_uneven_k():
     # H = I = 96: BK = 64 leaves a masked tail step; BLOCK_U / BLOCK_H do not divide the rows
     check(7, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 16, "BN": 32, "BK": 64})
-    for form in ("denorm", "w32", "w32d"):
+    for form in ("denorm", "w32", "w32d", "w32c", "w32p"):
         check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv", gemv_form=form,
               config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
 
@@ -168,7 +168,7 @@ def test_gpu_both_paths_decode_sizes(N, path):
 
 
 @gpu_only
-@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d"])
+@pytest.mark.parametrize("form", ["safe", "denorm", "w32", "w32d", "w32c", "w32p"])
 @pytest.mark.parametrize("N", [1, 3])
 def test_gpu_gemv_forms(N, form):
     check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemv", gemv_form=form, seed=30 + N)

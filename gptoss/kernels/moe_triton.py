@@ -11,8 +11,8 @@ MXFP4: value = FP4[code] * 2^(scale - 127); the low nibble of byte b is element 
 mlp1's rows interleave SwiGLU: row 2j is gate unit j, row 2j+1 its linear part.
 
 Pipeline:
-  kernel A: act[m] = SwiGLU(x[token(m)] @ W1[e(m)]^T + b1[e(m)])        act (M, I) in x's dtype
-  kernel B: y[pair(m)] = w(m) * (act[m] @ W2[e(m)]^T + b2[e(m)])        y (M, H), by pair (token * K + k)
+  kernel A: act[m] = SwiGLU(x[token(m)] @ W1[e(m)]^T + b1[e(m)])    act (M, I): fp32 (GEMV), x's dtype (GEMM)
+  kernel B: y[pair(m)] = w(m) * (act[m] @ W2[e(m)]^T + b2[e(m)])    y (M, H) fp32, by pair (token * K + k)
   out = y.view(N, K, H).sum(1)          the "tiny reduction": no atomics, so the result is deterministic
 Weights are read as packed bytes (or int32 words) and decoded in registers from their bits (no lookup table);
 products and sums are fp32.
@@ -21,14 +21,18 @@ Two kernel families:
   * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 5 launches in all (x to fp32, A, B, sum, cast), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
-    HBM once. The decode is instruction-bound, so the default FP4 decode ("w32") turns two codes into an fp16
-    pair with ~5 integer ops (see _fp4_pair16).
+    HBM once. FP4 decode forms (gemv_form / GPTOSS_MXFP4_GEMV): "w32" (default, measured) turns two codes into
+    an fp16 pair with ~5 integer ops (see _fp4_pair16); "w32c" (row-contiguous, coalesced tiles) and "w32p"
+    ("w32c" + register prefetch of the next step) are correct (interpreter, sm_90 compile) but were not timed.
+    Measured on H100 (N=1, 20b shapes, 52.9 MB of experts): 51 us of kernels, ~1.0 TB/s: latency/coalescing
+    bound, not instruction bound.
   * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
     (BN outputs) tiles; the tile table (expert, first row, end row) is built with torch ops on the device
     (scatter_add / cumsum / searchsorted). Plain tl.dot (it lowers to wgmma on Hopper, mma on Ampere).
 Neither path synchronizes with the host: calls can be captured in a CUDA graph (after a first, autotuning call).
 
-Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors).
+Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors). Triton 3.6's interpreter needs
+numpy < 2.3 for these kernels (loops bounded by a runtime argument fail on numpy 2.4).
 """
 
 from __future__ import annotations
@@ -106,13 +110,6 @@ if HAS_TRITON:
         return (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _mxfp4_dequant(packed, scale):
-        """packed uint8 bytes, scale uint8 (same shape) -> (low, high) float32 dequantized values."""
-        lo, hi = _fp4_unscaled(packed, False)
-        sc = _scale_value(scale)
-        return lo * sc, hi * sc
-
-    @triton.jit
     def _swiglu(h_glu, h_lin, limit):
         glu = tl.minimum(h_glu, limit)
         lin = tl.minimum(tl.maximum(h_lin, -limit), limit)
@@ -175,9 +172,10 @@ if HAS_TRITON:
     @triton.jit
     def _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
         """Same as _gemv_rows, reading the packed bytes as int32 words (w_ptr: int32 view of the blocks; word q
-        of a row holds inputs 8q .. 8q+7) and decoding two codes per 32-bit op (_fp4_pair16): about half the
-        integer work of the byte-wise decode, which matters because the decode GEMV is instruction-bound.
-        Tiles (R, NG groups, 4 words): a thread owns whole groups, so everything up to the group sum is in-thread."""
+        of a row holds inputs 8q .. 8q+7) and decoding two codes per 32-bit op (_fp4_pair16): ~5 SASS
+        instructions per weight on sm_90 against ~8.5 for the byte-wise decode.
+        Tiles (R, NG groups, 4 words): a thread owns whole groups, so everything up to the group sum is in-thread.
+        (Triton lays the lanes of a warp across rows here: 16 bytes from each of 32 rows per load.)"""
         KW: tl.constexpr = KDIM // 8  # int32 words per row
         G: tl.constexpr = KDIM // 32
         NG: tl.constexpr = BLOCK_K // 32
@@ -212,6 +210,74 @@ if HAS_TRITON:
             w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
             w = tl.reshape(w, (R, NG, 32))
             sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
+            acc += tl.sum(w * v[None, :, :], axis=2) * sc
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, k0, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """Row-contiguous words (R, BLOCK_K/8), scales (R, NG) and activations (NG, 32) of inputs
+        k0 .. k0+BLOCK_K-1 (masked past KDIM, so a step beyond the end touches no memory)."""
+        KW: tl.constexpr = KDIM // 8
+        G: tl.constexpr = KDIM // 32
+        NG: tl.constexpr = BLOCK_K // 32
+        w_idx = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+        g = k0 // 32 + tl.arange(0, NG)
+        gm = g < G
+        wd = tl.load(w_ptr + rows[:, None] * KW + w_idx[None, :], mask=rmask[:, None] & (w_idx < KW)[None, :],
+                     other=0).to(tl.uint32, bitcast=True)
+        s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=rmask[:, None] & gm[None, :], other=0)
+        v = tl.load(v_ptr + g[:, None] * 32 + tl.arange(0, 32)[None, :], mask=gm[:, None], other=0.0)
+        return wd, s, v.to(tl.float32)
+
+    @triton.jit
+    def _gemv_rows_w32p(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_gemv_rows_w32c with the next step's loads issued before this step's decode (registers double-
+        buffered): a program makes only a few steps, so without this each step waits a full memory latency."""
+        NG: tl.constexpr = BLOCK_K // 32
+        R: tl.constexpr = rows.shape[0]
+        acc = tl.zeros((R, NG), dtype=tl.float32)
+        wd, s, v = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, 0, KDIM, BLOCK_K)
+        for k0 in range(0, KDIM, BLOCK_K):
+            wd_n, s_n, v_n = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, k0 + BLOCK_K, KDIM, BLOCK_K)
+            o0, o4 = _fp4_pair16(wd, 0)
+            o1, o5 = _fp4_pair16(wd, 1)
+            o2, o6 = _fp4_pair16(wd, 2)
+            o3, o7 = _fp4_pair16(wd, 3)
+            w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+            w = tl.reshape(w, (R, NG, 32))
+            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
+            acc += tl.sum(w * v[None, :, :], axis=2) * sc
+            wd, s, v = wd_n, s_n, v_n
+        return tl.sum(acc, axis=1)
+
+    @triton.jit
+    def _gemv_rows_w32c(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """_gemv_rows_w32 with a row-contiguous (R, words) tile, so the lanes of a warp read consecutive 16-byte
+        pieces of one row (full 128-byte lines) instead of one 16-byte piece of 32 different rows."""
+        KW: tl.constexpr = KDIM // 8
+        G: tl.constexpr = KDIM // 32
+        NWB: tl.constexpr = BLOCK_K // 8  # words per row per step
+        NG: tl.constexpr = BLOCK_K // 32
+        R: tl.constexpr = rows.shape[0]
+        wi = tl.arange(0, NWB)
+        gi = tl.arange(0, NG)
+        jv = tl.arange(0, 32)
+        acc = tl.zeros((R, NG), dtype=tl.float32)
+        for k0 in range(0, KDIM, BLOCK_K):
+            w_idx = k0 // 8 + wi
+            g = k0 // 32 + gi
+            gm = g < G
+            wd = tl.load(w_ptr + rows[:, None] * KW + w_idx[None, :], mask=rmask[:, None] & (w_idx < KW)[None, :],
+                         other=0).to(tl.uint32, bitcast=True)  # (R, NWB)
+            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=rmask[:, None] & gm[None, :], other=0)
+            v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
+            o0, o4 = _fp4_pair16(wd, 0)
+            o1, o5 = _fp4_pair16(wd, 1)
+            o2, o6 = _fp4_pair16(wd, 2)
+            o3, o7 = _fp4_pair16(wd, 3)
+            w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
+            w = tl.reshape(w, (R, NG, 32))  # (R, NWB, 2, 2, 2) -> 4 words = one 32-input group
+            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
             acc += tl.sum(w * v[None, :, :], axis=2) * sc
         return tl.sum(acc, axis=1)
 
@@ -273,7 +339,11 @@ if HAS_TRITON:
 
     @triton.jit
     def _gemv(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr, FORM: tl.constexpr):
-        if FORM == 3:
+        if FORM == 5:
+            r = _gemv_rows_w32c(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
+        elif FORM == 4:
+            r = _gemv_rows_w32p(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
+        elif FORM == 3:
             r = _gemv_rows_w32d(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
         elif FORM == 2:
             r = _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
@@ -297,7 +367,8 @@ if HAS_TRITON:
         MP: tl.constexpr,  # power of two >= M
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
-        FORM: tl.constexpr,  # FP4 decode: 0 bytes/safe, 1 bytes/fp32-subnormal, 2 words/fp16 pairs, 3 words/fp32
+        FORM: tl.constexpr,  # FP4 decode: 0 bytes/safe, 1 bytes/fp32-subnormal, 2 words/fp16 pairs, 3 words/fp32,
+        #                      5 = 2 with row-contiguous tiles, 4 = 5 with the next step's loads prefetched
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -579,8 +650,8 @@ def moe_triton(
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
       gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; gemm: {"BM", "BN", "BK", "num_warps", "num_stages"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
-    gemv_form: FP4 decode in the GEMV path: "w32" (int32 words, two codes per op; default), "denorm" or "safe"
-      (byte-wise); None reads GPTOSS_MXFP4_GEMV.
+    gemv_form: FP4 decode in the GEMV path: "w32" (int32 words, two codes per op; default), "w32c" / "w32p"
+      (coalesced tiles / plus prefetch: untimed), "w32d", "denorm" or "safe"; None reads GPTOSS_MXFP4_GEMV.
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
     """
@@ -617,7 +688,7 @@ def moe_triton(
         ids = expert_ids.reshape(-1).contiguous()
         rwp = weights.reshape(-1).contiguous()
         MP = _next_pow2(M)
-        form = {"safe": 0, "denorm": 1, "w32": 2, "w32d": 3}[gemv_form or os.environ.get("GPTOSS_MXFP4_GEMV", "w32")]
+        form = {"safe": 0, "denorm": 1, "w32": 2, "w32d": 3, "w32p": 4, "w32c": 5}[gemv_form or os.environ.get("GPTOSS_MXFP4_GEMV", "w32")]
         w1 = mlp1_blocks.view(torch.int32) if form >= 2 else mlp1_blocks  # (E, 2I, H/32, 4) words
         w2 = mlp2_blocks.view(torch.int32) if form >= 2 else mlp2_blocks
         # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a
