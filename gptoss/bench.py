@@ -36,9 +36,9 @@ def _sync_time() -> float:
     return time.perf_counter()
 
 
-def random_model(name: str, device: str) -> Transformer:
+def random_model(name: str, device: str, dtype: torch.dtype = torch.bfloat16) -> Transformer:
     with torch.device("meta"):
-        model = Transformer(preset(name))
+        model = Transformer(preset(name), dtype=dtype)
     model.to_empty(device=device)
     fill_random(model, seed=0)
     return model.eval()
