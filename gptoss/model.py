@@ -141,9 +141,10 @@ class MLPBlock(nn.Module):
 
     def forward(self, x):
         t = self.norm(x)
-        weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
+        fused = isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(t)  # packed experts on the GPU
+        weights, expert_ids = route(self.gate(t), self.experts_per_token, sorted=not fused)  # (N, K) each
         experts = moe
-        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(t):  # packed experts, GPU: fused kernels
+        if fused:
             from gptoss.kernels.moe_triton import moe_triton_from_stores as experts
         y = experts(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
                     self.swiglu_limit)

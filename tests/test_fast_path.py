@@ -87,10 +87,13 @@ def test_prefill_then_decode_across_window_boundaries(model_20b, model_20b_float
     check_against_pure(model_20b, model_20b_float32, tokens, prefill, monkeypatch)
 
 
-def test_engine_on_gpu_batches_like_requests_alone(model_20b):
-    """The engine's GPU path (Triton paged attention, per-batch-size CUDA graphs): 16 concurrent greedy requests
-    all complete and start with the tokens each gives alone. (Further on, bf16 results that depend on the batch
-    size, as cuBLAS picks kernels by shape, may turn a near-tie the other way on random weights.)"""
+def test_engine_on_gpu_picks_near_argmax_tokens(model_20b, model_20b_float32, monkeypatch):
+    """The engine's GPU path (Triton paged attention, per-batch-size CUDA graphs, batched MoE): 16 concurrent greedy
+    requests complete, and every token picked is a near-argmax of the float32 pure path given the same prefix.
+
+    (Token-for-token equality with each request alone does not hold on GPU: bf16 results depend on the batch size
+    as cuBLAS picks kernels by shape, and random weights give flat logits whose top two often lie closer than that
+    noise. A wrong kernel picks tokens far below the argmax.)"""
     engine = Engine(model_20b, max_batch_size=16, context_length=512)
     assert engine.graphed_decode is not None
     params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=())
@@ -104,12 +107,19 @@ def test_engine_on_gpu_batches_like_requests_alone(model_20b):
         return await asyncio.gather(*(run(p) for p in prompts))
 
     try:
-        batched = asyncio.run(together())
-        alone = [asyncio.run(run(p)) for p in prompts]
+        outputs = asyncio.run(together())
     finally:
         engine.stop()
-    assert all(len(tokens) == 24 for tokens in batched)
-    same_start = sum(b[:8] == a[:8] for b, a in zip(batched, alone))
-    print(f"\nengine: {same_start}/16 requests give the same first 8 tokens batched and alone; "
-          f"{sum(b == a for b, a in zip(batched, alone))}/16 all 24")
-    assert same_start >= 14
+    assert all(len(tokens) == 24 for tokens in outputs)
+    monkeypatch.setenv("GPTOSS_KERNELS", "reference")
+    deficits = []
+    with torch.inference_mode():
+        for prompt, generated in zip(prompts, outputs):
+            sequence = torch.tensor(prompt + generated[:-1], device="cuda")
+            logits = model_20b_float32(sequence)[len(prompt) - 1 :].float()  # rows predicting each generated token
+            chosen = logits.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
+            deficits.append(logits.max(-1).values - chosen)
+    deficits = torch.cat(deficits)
+    print(f"\nengine tokens: logit deficit against the float32 argmax: max {deficits.max():.3f}, "
+          f"mean {deficits.mean():.4f}, exact argmax {(deficits == 0).float().mean():.1%}")
+    assert deficits.max() <= 0.5

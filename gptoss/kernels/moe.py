@@ -10,9 +10,10 @@ import torch.nn.functional as F
 SWIGLU_ALPHA = 1.702
 
 
-def route(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """router_logits (N, E) -> weights (N, K) and expert ids (N, K): top-K first, then softmax over those K."""
-    top = torch.topk(router_logits, k=k, dim=-1, sorted=True)
+def route(router_logits: torch.Tensor, k: int, sorted: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """router_logits (N, E) -> weights (N, K) and expert ids (N, K): top-K first, then softmax over those K.
+    The order of the K only changes the order of the weighted sum; sorted=False skips a sort kernel."""
+    top = torch.topk(router_logits, k=k, dim=-1, sorted=sorted)
     return torch.softmax(top.values, dim=-1), top.indices
 
 
