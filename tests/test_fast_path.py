@@ -72,8 +72,15 @@ def check_against_pure(model, model_float32, tokens, prefill, monkeypatch):
              "top1_fast_vs_float32": top1(fast, exact), "top1_pure_vs_float32": top1(pure, exact)}
     print(f"\n{len(tokens)} positions, prefill {prefill}: " + ", ".join(f"{k} {v:.4f}" for k, v in stats.items()))
     assert stats["fast_vs_float32"] <= 1.25 * stats["pure_vs_float32"] + 2e-3
-    assert stats["top1_fast_vs_float32"] >= stats["top1_pure_vs_float32"] - 0.02
+    # where the fast path's top token differs, it is a near-tie in float32 (logits have std ~1 here)
+    assert max_logit_deficit(exact, fast.argmax(-1)) <= 0.5
     return stats
+
+
+def max_logit_deficit(logits: torch.Tensor, tokens: torch.Tensor) -> float:
+    """How far below each row's maximum the chosen tokens' logits lie, at most."""
+    chosen = logits.gather(1, tokens[:, None])[:, 0]
+    return float((logits.max(-1).values - chosen).max())
 
 
 def test_20b_fast_path_against_pure_path_over_512_positions(model_20b, model_20b_float32, monkeypatch):
@@ -117,9 +124,6 @@ def test_engine_on_gpu_picks_near_argmax_tokens(model_20b, model_20b_float32, mo
         for prompt, generated in zip(prompts, outputs):
             sequence = torch.tensor(prompt + generated[:-1], device="cuda")
             logits = model_20b_float32(sequence)[len(prompt) - 1 :].float()  # rows predicting each generated token
-            chosen = logits.gather(1, torch.tensor(generated, device="cuda")[:, None])[:, 0]
-            deficits.append(logits.max(-1).values - chosen)
-    deficits = torch.cat(deficits)
-    print(f"\nengine tokens: logit deficit against the float32 argmax: max {deficits.max():.3f}, "
-          f"mean {deficits.mean():.4f}, exact argmax {(deficits == 0).float().mean():.1%}")
-    assert deficits.max() <= 0.5
+            deficits.append(max_logit_deficit(logits, torch.tensor(generated, device="cuda")))
+    print(f"\nengine tokens: largest logit deficit against the float32 argmax {max(deficits):.3f}")
+    assert max(deficits) <= 0.5
