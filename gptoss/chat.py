@@ -136,15 +136,10 @@ def run_chat(generator, *, reasoning: str = "medium", system: str | None = None,
 
 
 def cmd_chat(args) -> int:
-    from gptoss.checkpoint import load_model
-    from gptoss.cli import _checkpoint_or_demo, _default_device
+    from gptoss.cli import load_model_from_args
     from gptoss.generate import TokenGenerator
 
-    device = args.device or _default_device()
-    started = time.perf_counter()
-    model = load_model(_checkpoint_or_demo(args.checkpoint), device=device, dequantize=args.dequantize,
-                       progress=None)
-    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    model, device = load_model_from_args(args)
     generator = TokenGenerator(None, device, context_length=args.context, model=model)
     return run_chat(generator, reasoning=args.reasoning, system=args.system, developer=args.developer,
                     show_reasoning=args.show_reasoning, max_tokens=args.max_tokens, temperature=args.temperature,

@@ -29,6 +29,19 @@ def _checkpoint_or_demo(checkpoint: str | None) -> str:
     return str(folder)
 
 
+def load_model_from_args(args, folder: str | None = None):
+    """Loads args.checkpoint (or `folder`, or the demo) as the model commands' shared options say.
+    Returns (model, device); prints the load time on stderr."""
+    from gptoss.checkpoint import load_model
+
+    device = args.device or _default_device()
+    started = time.perf_counter()
+    model = load_model(folder or _checkpoint_or_demo(args.checkpoint), device=device, dequantize=args.dequantize,
+                       progress=None)
+    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    return model, device
+
+
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("checkpoint", nargs="?", help="checkpoint folder (HF repo root or its original/); "
                         "default: the built-in demo checkpoint")
@@ -40,15 +53,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 def cmd_generate(args) -> int:
     import torch
 
-    from gptoss.checkpoint import load_model
     from gptoss.generate import TokenGenerator
     from gptoss.tokenizer import ENDOFTEXT, STOP_TOKENS, get_tokenizer
 
-    device = args.device or _default_device()
-    started = time.perf_counter()
-    model = load_model(_checkpoint_or_demo(args.checkpoint), device=device, dequantize=args.dequantize,
-                       progress=None)
-    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    model, device = load_model_from_args(args)
     generator = TokenGenerator(None, device, context_length=args.context, model=model)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all")

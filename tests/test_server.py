@@ -638,18 +638,8 @@ def test_disconnect_while_queued_closes_generation(served, engine, stream):
 # --- the real engine over a tiny random model -----------------------------------------------------------------------
 
 
-def _real_engine_available() -> bool:
-    try:
-        from gptoss.engine import Engine  # noqa: F401
-        return True
-    except Exception:
-        return False
-
-
 @pytest.fixture(scope="module")
 def real_served():
-    if not _real_engine_available():
-        pytest.skip("gptoss.engine is not available")
     import dataclasses
 
     import torch

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import sys
-import time
 
 from gptoss.server.app import create_app
 
@@ -22,15 +21,11 @@ def cmd_serve(args) -> int:
     # Imported here: torch and uvicorn are slow to import and only this command needs them.
     import uvicorn
 
-    from gptoss.checkpoint import load_model
-    from gptoss.cli import _checkpoint_or_demo, _default_device
+    from gptoss.cli import _checkpoint_or_demo, load_model_from_args
     from gptoss.engine import Engine
 
-    device = args.device or _default_device()
     folder = _checkpoint_or_demo(args.checkpoint)
-    started = time.perf_counter()
-    model = load_model(folder, device=device, dequantize=args.dequantize, progress=None)
-    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    model, _ = load_model_from_args(args, folder)
     engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
     name = args.model_name or _served_model_name(folder)
     api_key = args.api_key or os.environ.get("GPTOSS_API_KEY") or None
