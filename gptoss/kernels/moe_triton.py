@@ -14,21 +14,28 @@ Pipeline:
   kernel A: act[m] = SwiGLU(x[token(m)] @ W1[e(m)]^T + b1[e(m)])    act (M, I): fp32 (GEMV), x's dtype (GEMM)
   kernel B: y[pair(m)] = w(m) * (act[m] @ W2[e(m)]^T + b2[e(m)])    y (M, H) fp32, by pair (token * K + k)
   out = y.view(N, K, H).sum(1)          the "tiny reduction": no atomics, so the result is deterministic
+  (GEMV: B leaves out w(m) and b2, which the combine kernel applies while it sums and casts)
 Weights are read as packed bytes (or int32 words) and decoded in registers from their bits (no lookup table);
 products and sums are fp32.
 
 Two kernel families:
-  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 5 launches in all (x to fp32, A, B, sum, cast), no sort.
+  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 4 launches (x to fp32, A, B, combine), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
-    HBM once. FP4 decode forms (gemv_form / GPTOSS_MXFP4_GEMV): "w32" (default, measured) turns two codes into
-    an fp16 pair with ~5 integer ops (see _fp4_pair16); "w32c" (row-contiguous, coalesced tiles) and "w32p"
-    ("w32c" + register prefetch of the next step) are correct (interpreter, sm_90 compile) but were not timed.
-    Measured on H100 (N=1, 20b shapes, 52.9 MB of experts): 51 us of kernels, ~1.0 TB/s: latency/coalescing
-    bound, not instruction bound.
+    HBM once. Row-contiguous word tiles (coalesced), two FP4 codes -> an fp16 pair with ~5 integer ops
+    (_fp4_pair16), the next step's loads issued before the current step's decode. B writes the bias-free
+    expert outputs; the combine kernel adds bias, routing weight and the K experts of a token in a fixed order
+    and casts. Measured on H100 (N=1, 20b shapes, 52.9 MB of experts): A + B 35 us of kernels, ~1.5 TB/s.
+    A split-K form (one K chunk per program, partials reduced by the last program) was slower: 44 us of A + B
+    at N=1 and 1.3-1.4x slower at N=4 / 8.
   * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
-    (BN outputs) tiles; the tile table (expert, first row, end row) is built with torch ops on the device
-    (scatter_add / cumsum / searchsorted). Plain tl.dot (it lowers to wgmma on Hopper, mma on Ampere).
+    (BN outputs) tiles. Each program finds its tile in-kernel from the per-expert row ends (scatter_add +
+    cumsum on the device), so BM is autotuned with BN / BK / warps / stages (key: shapes and M's power-of-two
+    bucket). Grid (column block, tile) with column blocks fastest: the programs in flight share the gathered
+    activation tile through L2. Plain tl.dot (wgmma on Hopper, mma on Ampere); SWAP computes W @ x^T so the
+    dequantized weight tile is the MMA's register operand (mlp1's pick). Measured on H100 (20b shapes):
+    N=1024 1.04 ms of kernels per layer call (195 TFLOP/s; 1.30 ms eager), N=8192 5.56 ms (293 TFLOP/s),
+    against 2.19 / 14.5 ms with the previous BN=32 tiles, tile-major grid and host-built tile table.
 Neither path synchronizes with the host: calls can be captured in a CUDA graph (after a first, autotuning call).
 
 Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors). Triton 3.6's interpreter needs
@@ -116,47 +123,10 @@ if HAS_TRITON:
         return glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)
 
     # ------------------------------------------------------------------------------------------------------
-    # Decode: GEMV. Grid (M sorted rows, row blocks). Program (i, j) works only if sorted row i is the first
-    # row of its expert ("leader"); it then streams rows block j of that expert's packed matrix once per pair
-    # of the expert (count <= T, usually 1; repeats hit L1/L2), dequantizing in registers.
+    # Decode: GEMV. Grid (M pairs, row blocks). Program (i, j) works only if pair i is the first pair of its
+    # expert ("leader"); it then streams rows block j of that expert's packed matrix once per pair of the expert
+    # (count <= T, usually 1; repeats hit L1/L2), dequantizing in registers.
     # ------------------------------------------------------------------------------------------------------
-    @triton.jit
-    def _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DENORM: tl.constexpr):
-        """sum_k W[rows, k] * v[k] over packed rows (R,) int64 of a (rows, KDIM) MXFP4 matrix -> (R,) float32.
-        Tiles are (R, NG groups, 16 bytes): each thread owns whole 32-element groups, so the group sum and its
-        scale are in-thread; the cross-group sum happens once, after the loop."""
-        KBYTES: tl.constexpr = KDIM // 2
-        G: tl.constexpr = KDIM // 32
-        NG: tl.constexpr = BLOCK_K // 32
-        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
-        R: tl.constexpr = rows.shape[0]
-        gi = tl.arange(0, NG)
-        jb = tl.arange(0, 16)
-        jv = tl.arange(0, 32)
-        acc = tl.zeros((R, NG), dtype=tl.float32)
-        for k0 in range(0, KDIM, BLOCK_K):
-            g = k0 // 32 + gi  # (NG,) group index within the row
-            if EVEN:
-                m3 = rmask[:, None, None]
-                m2 = rmask[:, None]
-                b = tl.load(w_ptr + rows[:, None, None] * KBYTES + g[None, :, None] * 16 + jb[None, None, :],
-                            mask=m3, other=0)  # (R, NG, 16) uint8
-                s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)  # (R, NG) uint8
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)  # (NG, 32)
-            else:
-                gm = g < G
-                m3 = rmask[:, None, None] & gm[None, :, None]
-                m2 = rmask[:, None] & gm[None, :]
-                b = tl.load(w_ptr + rows[:, None, None] * KBYTES + g[None, :, None] * 16 + jb[None, None, :],
-                            mask=m3, other=0)
-                s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            lo, hi = _fp4_unscaled(b, DENORM)
-            w = tl.reshape(tl.join(lo, hi), (R, NG, 32))  # natural input order within each group
-            acc += tl.sum(w * v[None, :, :], axis=2) * _scale_value(s)
-        return tl.sum(acc, axis=1)
-
     @triton.jit
     def _fp4_pair16(wd, K: tl.constexpr):
         """wd: uint32 words (8 FP4 codes: inputs 8q .. 8q+7) -> float32 values of inputs 8q+K and 8q+4+K,
@@ -170,53 +140,10 @@ if HAS_TRITON:
         return lo, hi
 
     @triton.jit
-    def _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Same as _gemv_rows, reading the packed bytes as int32 words (w_ptr: int32 view of the blocks; word q
-        of a row holds inputs 8q .. 8q+7) and decoding two codes per 32-bit op (_fp4_pair16): ~5 SASS
-        instructions per weight on sm_90 against ~8.5 for the byte-wise decode.
-        Tiles (R, NG groups, 4 words): a thread owns whole groups, so everything up to the group sum is in-thread.
-        (Triton lays the lanes of a warp across rows here: 16 bytes from each of 32 rows per load.)"""
-        KW: tl.constexpr = KDIM // 8  # int32 words per row
-        G: tl.constexpr = KDIM // 32
-        NG: tl.constexpr = BLOCK_K // 32
-        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
-        R: tl.constexpr = rows.shape[0]
-        gi = tl.arange(0, NG)
-        q = tl.arange(0, 4)  # word within the 32-input group
-        jv = tl.arange(0, 32)
-        acc = tl.zeros((R, NG), dtype=tl.float32)
-        for k0 in range(0, KDIM, BLOCK_K):
-            g = k0 // 32 + gi  # (NG,)
-            if EVEN:
-                m3 = rmask[:, None, None]
-                m2 = rmask[:, None]
-            else:
-                gm = g < G
-                m3 = rmask[:, None, None] & gm[None, :, None]
-                m2 = rmask[:, None] & gm[None, :]
-                vm = gm[:, None]
-            wd = tl.load(w_ptr + rows[:, None, None] * KW + g[None, :, None] * 4 + q[None, None, :], mask=m3,
-                         other=0).to(tl.uint32, bitcast=True)  # (R, NG, 4)
-            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)  # (R, NG) uint8
-            if EVEN:
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)  # (NG, 32)
-            else:
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=vm, other=0.0).to(tl.float32)
-            o0, o4 = _fp4_pair16(wd, 0)
-            o1, o5 = _fp4_pair16(wd, 1)
-            o2, o6 = _fp4_pair16(wd, 2)
-            o3, o7 = _fp4_pair16(wd, 3)
-            # nested joins whose row-major flattening is o0 .. o7: (R, NG, 4, 2, 2, 2) -> (R, NG, 32)
-            w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-            w = tl.reshape(w, (R, NG, 32))
-            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
-            acc += tl.sum(w * v[None, :, :], axis=2) * sc
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
     def _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, k0, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
-        """Row-contiguous words (R, BLOCK_K/8), scales (R, NG) and activations (NG, 32) of inputs
-        k0 .. k0+BLOCK_K-1 (masked past KDIM, so a step beyond the end touches no memory)."""
+        """Row-contiguous int32 words (R, BLOCK_K/8) (lanes read consecutive 16-byte pieces of a row), scales
+        (R, NG) and activations (NG, 32) of inputs k0 .. k0+BLOCK_K-1 (masked past KDIM, so a step beyond the end
+        touches no memory). w_ptr: int32 view of the blocks, word q of a row = inputs 8q .. 8q+7."""
         KW: tl.constexpr = KDIM // 8
         G: tl.constexpr = KDIM // 32
         NG: tl.constexpr = BLOCK_K // 32
@@ -230,9 +157,11 @@ if HAS_TRITON:
         return wd, s, v.to(tl.float32)
 
     @triton.jit
-    def _gemv_rows_w32p(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
-        """_gemv_rows_w32c with the next step's loads issued before this step's decode (registers double-
-        buffered): a program makes only a few steps, so without this each step waits a full memory latency."""
+    def _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
+        """sum_k W[rows, k] * v[k] over rows (R,) int64 of a (rows, KDIM) MXFP4 matrix -> (R,) float32.
+        Two codes are decoded per 32-bit op (_fp4_pair16, ~5 SASS instructions per weight on sm_90); the next
+        step's loads are issued before this step's decode (registers double-buffered): a program makes only a
+        few steps, so without this each step waits a full memory latency."""
         NG: tl.constexpr = BLOCK_K // 32
         R: tl.constexpr = rows.shape[0]
         acc = tl.zeros((R, NG), dtype=tl.float32)
@@ -243,90 +172,12 @@ if HAS_TRITON:
             o1, o5 = _fp4_pair16(wd, 1)
             o2, o6 = _fp4_pair16(wd, 2)
             o3, o7 = _fp4_pair16(wd, 3)
+            # nested joins whose row-major flattening is o0 .. o7: (R, words, 2, 2, 2) -> (R, NG, 32)
             w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
             w = tl.reshape(w, (R, NG, 32))
-            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
+            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
             acc += tl.sum(w * v[None, :, :], axis=2) * sc
             wd, s, v = wd_n, s_n, v_n
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
-    def _gemv_rows_w32c(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
-        """_gemv_rows_w32 with a row-contiguous (R, words) tile, so the lanes of a warp read consecutive 16-byte
-        pieces of one row (full 128-byte lines) instead of one 16-byte piece of 32 different rows."""
-        KW: tl.constexpr = KDIM // 8
-        G: tl.constexpr = KDIM // 32
-        NWB: tl.constexpr = BLOCK_K // 8  # words per row per step
-        NG: tl.constexpr = BLOCK_K // 32
-        R: tl.constexpr = rows.shape[0]
-        wi = tl.arange(0, NWB)
-        gi = tl.arange(0, NG)
-        jv = tl.arange(0, 32)
-        acc = tl.zeros((R, NG), dtype=tl.float32)
-        for k0 in range(0, KDIM, BLOCK_K):
-            w_idx = k0 // 8 + wi
-            g = k0 // 32 + gi
-            gm = g < G
-            wd = tl.load(w_ptr + rows[:, None] * KW + w_idx[None, :], mask=rmask[:, None] & (w_idx < KW)[None, :],
-                         other=0).to(tl.uint32, bitcast=True)  # (R, NWB)
-            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=rmask[:, None] & gm[None, :], other=0)
-            v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=gm[:, None], other=0.0).to(tl.float32)
-            o0, o4 = _fp4_pair16(wd, 0)
-            o1, o5 = _fp4_pair16(wd, 1)
-            o2, o6 = _fp4_pair16(wd, 2)
-            o3, o7 = _fp4_pair16(wd, 3)
-            w = tl.join(tl.join(tl.join(o0, o4), tl.join(o2, o6)), tl.join(tl.join(o1, o5), tl.join(o3, o7)))
-            w = tl.reshape(w, (R, NG, 32))  # (R, NWB, 2, 2, 2) -> 4 words = one 32-input group
-            sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)
-            acc += tl.sum(w * v[None, :, :], axis=2) * sc
-        return tl.sum(acc, axis=1)
-
-    @triton.jit
-    def _fp4_sub32(wd, J: tl.constexpr):
-        """wd: uint32 words (codes of inputs 8q .. 8q+7) -> input 8q+J as float32 * 2^-126, unscaled: the code's
-        exponent/mantissa bits moved to fp32 bits 22..24, its sign to bit 31 (code 1 = 0.5 -> subnormal 2^-127)."""
-        if J <= 5:
-            em = (wd << (22 - 4 * J)) & 0x01C00000
-        else:
-            em = (wd >> (4 * J - 22)) & 0x01C00000
-        return (em | ((wd << (28 - 4 * J)) & 0x80000000)).to(tl.float32, bitcast=True)
-
-    @triton.jit
-    def _gemv_rows_w32d(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
-        """As _gemv_rows_w32 with the fp32-subnormal decode per input (3 integer ops, no conversion): products
-        are formed against v * 2^64 so they stay normal; 2^(126 - 64) is folded into the block scale."""
-        KW: tl.constexpr = KDIM // 8
-        G: tl.constexpr = KDIM // 32
-        NG: tl.constexpr = BLOCK_K // 32
-        EVEN: tl.constexpr = KDIM % BLOCK_K == 0
-        R: tl.constexpr = rows.shape[0]
-        gi = tl.arange(0, NG)
-        q = tl.arange(0, 4)
-        jv = tl.arange(0, 32)
-        acc = tl.zeros((R, NG), dtype=tl.float32)
-        for k0 in range(0, KDIM, BLOCK_K):
-            g = k0 // 32 + gi
-            if EVEN:
-                m3 = rmask[:, None, None]
-                m2 = rmask[:, None]
-            else:
-                gm = g < G
-                m3 = rmask[:, None, None] & gm[None, :, None]
-                m2 = rmask[:, None] & gm[None, :]
-                vm = gm[:, None]
-            wd = tl.load(w_ptr + rows[:, None, None] * KW + g[None, :, None] * 4 + q[None, None, :], mask=m3,
-                         other=0).to(tl.uint32, bitcast=True)  # (R, NG, 4)
-            s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=m2, other=0)
-            if EVEN:
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :]).to(tl.float32)
-            else:
-                v = tl.load(v_ptr + g[:, None] * 32 + jv[None, :], mask=vm, other=0.0).to(tl.float32)
-            v = v * 1.8446744073709552e19  # 2^64
-            w = tl.join(tl.join(tl.join(_fp4_sub32(wd, 0), _fp4_sub32(wd, 4)), tl.join(_fp4_sub32(wd, 2), _fp4_sub32(wd, 6))),
-                        tl.join(tl.join(_fp4_sub32(wd, 1), _fp4_sub32(wd, 5)), tl.join(_fp4_sub32(wd, 3), _fp4_sub32(wd, 7))))
-            w = tl.reshape(w, (R, NG, 32))
-            sc = ((s.to(tl.uint32) + 62) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^(126 - 64)
-            acc += tl.sum(w * v[None, :, :], axis=2) * sc
         return tl.sum(acc, axis=1)
 
     @triton.jit
@@ -338,24 +189,10 @@ if HAS_TRITON:
         return tl.sum(((ids == e) & (j < i)).to(tl.int32), axis=0) > 0, e
 
     @triton.jit
-    def _gemv(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr, FORM: tl.constexpr):
-        if FORM == 5:
-            r = _gemv_rows_w32c(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
-        elif FORM == 4:
-            r = _gemv_rows_w32p(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
-        elif FORM == 3:
-            r = _gemv_rows_w32d(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
-        elif FORM == 2:
-            r = _gemv_rows_w32(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K)
-        else:
-            r = _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM, BLOCK_K, FORM == 1)
-        return r
-
-    @triton.jit
     def _mlp1_swiglu_gemv_kernel(
-        x_ptr,  # (N, H) activations
+        x_ptr,  # (N, H) float32 activations
         ids_ptr,  # (M,) expert id of each pair (token * K + k), any int dtype
-        w_ptr,  # (E, 2I, H/32, 16) uint8, or its int32 view (E, 2I, H/32, 4) when FORM >= 2
+        w_ptr,  # (E, 2I, H/32, 4) int32 view of the packed blocks
         s_ptr,  # (E, 2I, H/32) uint8
         b_ptr,  # (E, 2I)
         act_ptr,  # (M, I) out, by pair
@@ -367,8 +204,6 @@ if HAS_TRITON:
         MP: tl.constexpr,  # power of two >= M
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
-        FORM: tl.constexpr,  # FP4 decode: 0 bytes/safe, 1 bytes/fp32-subnormal, 2 words/fp16 pairs, 3 words/fp32,
-        #                      5 = 2 with row-contiguous tiles, 4 = 5 with the next step's loads prefetched
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -384,7 +219,7 @@ if HAS_TRITON:
         for p in range(i, M):  # every pair routed to expert e (the first is i)
             if tl.load(ids_ptr + p) == e:
                 tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
-                h = _gemv(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K, FORM) + bias  # (R,)
+                h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K) + bias  # (R,)
                 glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
                 out = _swiglu(glu, lin, limit)
                 tl.store(act_ptr + p * I + units, out.to(act_ptr.dtype.element_ty), mask=units < I)
@@ -393,18 +228,15 @@ if HAS_TRITON:
     def _mlp2_gemv_kernel(
         act_ptr,  # (M, I) by pair
         ids_ptr,  # (M,) expert id of each pair
-        rw_ptr,  # (M,) routing weight of each pair
-        w_ptr,  # (E, H, I/32, 16) uint8, or its int32 view when FORM >= 2
+        w_ptr,  # (E, H, I/32, 4) int32 view of the packed blocks
         s_ptr,  # (E, H, I/32) uint8
-        b_ptr,  # (E, H)
-        y_ptr,  # (M, H) out: routing weight * expert output, by pair
+        y_ptr,  # (M, H) out: expert output without bias, by pair
         M,
         H: tl.constexpr,
         I: tl.constexpr,
         MP: tl.constexpr,
         BLOCK_H: tl.constexpr,  # output rows per program
         BLOCK_K: tl.constexpr,
-        FORM: tl.constexpr,
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -414,17 +246,49 @@ if HAS_TRITON:
         hs = j * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) output features
         hmask = hs < H
         rows = e.to(tl.int64) * H + hs
-        bias = tl.load(b_ptr + rows, mask=hmask, other=0.0).to(tl.float32)
         for p in range(i, M):
             if tl.load(ids_ptr + p) == e:
-                rw = tl.load(rw_ptr + p).to(tl.float32)
-                y = (_gemv(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K, FORM) + bias) * rw
+                y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K)
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
 
+    @triton.jit
+    def _combine_kernel(y_ptr, ids_ptr, rw_ptr, b_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
+                        BLOCK: tl.constexpr):
+        """out[n] = sum_k w(n, k) * (y[pair] + b2[e(pair)]), pair = n * K + k, in a fixed order, cast to out's
+        dtype (one launch instead of torch's sum + cast)."""
+        n = tl.program_id(0)
+        hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        hm = hs < H
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k in tl.static_range(K_ROUTE):
+            p = n * K_ROUTE + k
+            e = tl.load(ids_ptr + p).to(tl.int64)
+            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0) + tl.load(b_ptr + e * H + hs, mask=hm,
+                                                                        other=0.0).to(tl.float32)
+            acc += tl.load(rw_ptr + p).to(tl.float32) * y
+        tl.store(out_ptr + n * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+
     # ------------------------------------------------------------------------------------------------------
-    # Prefill: grouped GEMM. Grid (tiles, column blocks); tiles_ptr holds three int32 rows of length
-    # n_tiles: expert (-1 = unused tile), first sorted row, end sorted row (exclusive; rows of one expert).
+    # Prefill: grouped GEMM. Grid (column blocks j, row tiles t): column blocks vary fastest, so the programs in
+    # flight share the gathered activation tile (L2 hits). Tile t is found in-kernel from the per-expert row
+    # ends of the sorted pairs (seg_ptr), for the kernel's own BM, so BM is autotuned with the rest.
     # ------------------------------------------------------------------------------------------------------
+    @triton.jit
+    def _tile(seg_ptr, t, E, EP: tl.constexpr, BM: tl.constexpr):
+        """-> (expert or >= E if tile t is unused, first sorted row, end sorted row) of row tile t: each expert's
+        rows seg_end[e-1] .. seg_end[e] split into BM-row tiles, tiles numbered expert by expert."""
+        ei = tl.arange(0, EP)
+        em = ei < E
+        end = tl.load(seg_ptr + ei, mask=em, other=0)
+        start = tl.load(seg_ptr + ei - 1, mask=em & (ei > 0), other=0)
+        nt = (end - start + BM - 1) // BM
+        t_end = tl.cumsum(nt, 0)
+        e = tl.sum((t_end <= t).to(tl.int32), 0)
+        sel = ei == e
+        row0 = tl.sum(tl.where(sel, start + (t - (t_end - nt)) * BM, 0), 0)
+        row_end = tl.sum(tl.where(sel, end, 0), 0)
+        return e, row0, row_end
+
     @triton.jit
     def _dequant_tile(w_ptr, s_ptr, rows, rmask, k0, KDIM: tl.constexpr, BK: tl.constexpr, DENORM: tl.constexpr):
         """Packed rows (R,) int64 of a (rows, KDIM) MXFP4 matrix, inputs k0 .. k0+BK-1 -> (R, BK) float32."""
@@ -447,33 +311,34 @@ if HAS_TRITON:
         sc = _scale_value(s)[:, :, None]
         return tl.reshape(tl.join(lo * sc, hi * sc), (R, BK))
 
+
     @triton.jit
     def _mlp1_swiglu_dot_kernel(
         x_ptr,  # (N, H)
-        order_ptr,  # (M,) int32
-        tiles_ptr,  # (3, n_tiles) int32
-        n_tiles,
+        order_ptr,  # (M,) int32 sorted row -> pair
+        seg_ptr,  # (E,) int32 end sorted row of each expert
+        E,
         w_ptr,  # (E, 2I, H/32, 16) uint8
         s_ptr,  # (E, 2I, H/32) uint8
         b_ptr,  # (E, 2I)
-        act_ptr,  # (M, I) out
+        act_ptr,  # (M, I) out, sorted rows
         limit,
+        tune_m,  # M rounded to a power of two: autotuning key only
         H: tl.constexpr,
         I: tl.constexpr,
         K_ROUTE: tl.constexpr,
-        BM: tl.constexpr,  # sorted rows per tile (host-chosen; the tile table depends on it)
+        EP: tl.constexpr,  # power of two >= E
+        BM: tl.constexpr,  # sorted rows per tile
         BN: tl.constexpr,  # SwiGLU units per program (2 * BN interleaved weight rows, one dot)
         BK: tl.constexpr,  # inputs per step
+        SWAP: tl.constexpr,  # dot(W, x^T): the dequantized weights are the register (A) operand of the MMA
         DENORM: tl.constexpr,
         DOT_F32: tl.constexpr,  # upcast operands to fp32 (the CPU interpreter's bf16 dot is wrong)
     ):
-        t = tl.program_id(0)
-        j = tl.program_id(1)
-        e = tl.load(tiles_ptr + t)
-        if e < 0:
+        j = tl.program_id(0)
+        e, start, end = _tile(seg_ptr, tl.program_id(1), E, EP, BM)
+        if e >= E:
             return
-        start = tl.load(tiles_ptr + n_tiles + t)
-        end = tl.load(tiles_ptr + 2 * n_tiles + t)
 
         rows = start + tl.arange(0, BM)  # (BM,) sorted rows
         rmask = rows < end
@@ -485,7 +350,10 @@ if HAS_TRITON:
         wrows = e.to(tl.int64) * (2 * I) + local
 
         kx = tl.arange(0, BK)
-        acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((2 * BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, 2 * BN), dtype=tl.float32)
         for k0 in range(0, H, BK):
             if H % BK == 0:
                 xm = rmask[:, None]
@@ -495,7 +363,12 @@ if HAS_TRITON:
             if DOT_F32:
                 xt = xt.to(tl.float32)
             w = _dequant_tile(w_ptr, s_ptr, wrows, wmask, k0, H, BK, DENORM).to(xt.dtype)  # (2BN, BK)
-            acc = tl.dot(xt, tl.trans(w), acc)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(xt), acc)
+            else:
+                acc = tl.dot(xt, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.trans(acc)  # (BM, 2BN)
 
         h = acc + tl.load(b_ptr + wrows, mask=wmask, other=0.0).to(tl.float32)[None, :]
         glu, lin = tl.split(tl.reshape(h, (BM, BN, 2)))
@@ -509,27 +382,27 @@ if HAS_TRITON:
         act_ptr,  # (M, I) sorted rows
         order_ptr,  # (M,) int32
         rw_ptr,  # (M,) float32, original pair order
-        tiles_ptr,  # (3, n_tiles) int32
-        n_tiles,
+        seg_ptr,  # (E,) int32
+        E,
         w_ptr,  # (E, H, I/32, 16) uint8
         s_ptr,  # (E, H, I/32) uint8
         b_ptr,  # (E, H)
         y_ptr,  # (M, H) out, original pair order
+        tune_m,
         H: tl.constexpr,
         I: tl.constexpr,
+        EP: tl.constexpr,
         BM: tl.constexpr,
         BN: tl.constexpr,  # output features per program
         BK: tl.constexpr,
+        SWAP: tl.constexpr,
         DENORM: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
-        t = tl.program_id(0)
-        j = tl.program_id(1)
-        e = tl.load(tiles_ptr + t)
-        if e < 0:
+        j = tl.program_id(0)
+        e, start, end = _tile(seg_ptr, tl.program_id(1), E, EP, BM)
+        if e >= E:
             return
-        start = tl.load(tiles_ptr + n_tiles + t)
-        end = tl.load(tiles_ptr + 2 * n_tiles + t)
 
         rows = start + tl.arange(0, BM)
         rmask = rows < end
@@ -540,7 +413,10 @@ if HAS_TRITON:
         wrows = e.to(tl.int64) * H + hs
 
         kx = tl.arange(0, BK)
-        acc = tl.zeros((BM, BN), dtype=tl.float32)
+        if SWAP:
+            acc = tl.zeros((BN, BM), dtype=tl.float32)
+        else:
+            acc = tl.zeros((BM, BN), dtype=tl.float32)
         for k0 in range(0, I, BK):
             if I % BK == 0:
                 am = rmask[:, None]
@@ -550,7 +426,12 @@ if HAS_TRITON:
             if DOT_F32:
                 at = at.to(tl.float32)
             w = _dequant_tile(w_ptr, s_ptr, wrows, hmask, k0, I, BK, DENORM).to(at.dtype)  # (BN, BK)
-            acc = tl.dot(at, tl.trans(w), acc)
+            if SWAP:
+                acc = tl.dot(w, tl.trans(at), acc)
+            else:
+                acc = tl.dot(at, tl.trans(w), acc)
+        if SWAP:
+            acc = tl.trans(acc)  # (BM, BN)
 
         y = acc + tl.load(b_ptr + wrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
         rw = tl.load(rw_ptr + pair, mask=rmask, other=0.0)
@@ -559,8 +440,9 @@ if HAS_TRITON:
                  mask=rmask[:, None] & hmask[None, :])
 
     # ------------------------------------------------------------------------------------------------------
-    # Launch configurations. On a GPU the kernels are autotuned once per shape key (outputs are fully
-    # overwritten, so autotuning reruns are safe); under the interpreter one fixed small config is used.
+    # Launch configurations. On a GPU the kernels are autotuned once per key (shapes; M's power-of-two bucket for
+    # the GEMMs); outputs are fully rewritten, so autotuning reruns are safe. Under the
+    # interpreter one fixed small config is used.
     # ------------------------------------------------------------------------------------------------------
     def _gemv_configs(rows_name: str, pairs: bool) -> list:
         out = []
@@ -570,12 +452,14 @@ if HAS_TRITON:
                                      num_stages=1))
         return out
 
-    def _dot_configs() -> list:
-        return [
-            triton.Config({"BN": bn, "BK": bk}, num_warps=w, num_stages=s)
-            for bn, bk, w, s in [(64, 64, 4, 3), (64, 64, 8, 3), (64, 128, 8, 3), (128, 64, 8, 3), (32, 64, 4, 3),
-                                 (32, 128, 4, 4)]
-        ]
+    def _dot_configs(mlp1: bool) -> list:
+        # (BM, BN, BK, SWAP, warps, stages): the best four of each kernel at N = 1024 and 8192 on H100 out of 13
+        # (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows)
+        cands = [(128, 64, 64, 1, 8, 3), (64, 64, 64, 1, 4, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)] \
+            if mlp1 else \
+            [(64, 128, 64, 0, 4, 3), (128, 128, 128, 0, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3)]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": bool(sw)}, num_warps=w, num_stages=s)
+                for bm, bn, bk, sw, w, s in cands]
 
     _TUNED: dict = {}
 
@@ -586,9 +470,9 @@ if HAS_TRITON:
             elif name == "mlp2_gemv":
                 k = triton.autotune(_gemv_configs("BLOCK_H", False), key=["H", "I"])(_mlp2_gemv_kernel)
             elif name == "mlp1_dot":
-                k = triton.autotune(_dot_configs(), key=["H", "I"])(_mlp1_swiglu_dot_kernel)
+                k = triton.autotune(_dot_configs(True), key=["H", "I", "tune_m"])(_mlp1_swiglu_dot_kernel)
             else:
-                k = triton.autotune(_dot_configs(), key=["H", "I"])(_mlp2_dot_kernel)
+                k = triton.autotune(_dot_configs(False), key=["H", "I", "tune_m"])(_mlp2_dot_kernel)
             _TUNED[name] = k
         return _TUNED[name]
 
@@ -602,28 +486,13 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _denorm_default() -> bool:
-    """FP4 decode form: 'denorm' (fewer ops; default) or 'safe' (GPTOSS_MXFP4_DEQUANT=safe)."""
+    """FP4 decode form in the GEMM path: 'denorm' (fewer ops; default) or 'safe' (GPTOSS_MXFP4_DEQUANT=safe)."""
     return os.environ.get("GPTOSS_MXFP4_DEQUANT", "denorm") != "safe"
-
-
-def _tile_table(flat_e: torch.Tensor, E: int, M: int, BM: int) -> tuple[torch.Tensor, int]:
-    """flat expert ids (M,) int64 -> int32 (3, n_tiles): expert (-1 unused), first sorted row, end sorted row.
-    n_tiles = cdiv(M, BM) + min(E, M) bounds the number of real tiles; built on device, no host sync."""
-    counts = torch.zeros(E, dtype=torch.int64, device=flat_e.device)
-    counts.scatter_add_(0, flat_e, torch.ones_like(flat_e))  # (E,) pairs per expert (bincount would sync)
-    seg_end = torch.cumsum(counts, 0)
-    seg_start = seg_end - counts
-    tiles = (counts + BM - 1) // BM
-    tile_end = torch.cumsum(tiles, 0)  # (E,) exclusive end of each expert's range of tiles
-    n_tiles = (M + BM - 1) // BM + min(E, M)
-    t = torch.arange(n_tiles, device=counts.device)
-    te = torch.searchsorted(tile_end, t, right=True)  # expert of tile t (E: unused)
-    tec = te.clamp(max=E - 1)
-    start = seg_start[tec] + (t - (tile_end[tec] - tiles[tec])) * BM
-    end = seg_end[tec]
-    te = torch.where(te < E, te, torch.full_like(te, -1))
-    return torch.stack((te, start, end)).to(torch.int32).contiguous(), n_tiles
 
 
 def moe_triton(
@@ -641,17 +510,14 @@ def moe_triton(
     path: str = "auto",
     config: dict | None = None,
     denorm: bool | None = None,
-    gemv_form: str | None = None,
 ) -> torch.Tensor:
     """sum_k weights[:, k] * expert_{ids[:, k]}(x) as (N, H) in x's dtype; the same function as
     gptoss.kernels.moe.moe with MXFP4 expert stores, computed from the packed bytes.
 
     path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
-      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; gemm: {"BM", "BN", "BK", "num_warps", "num_stages"}.
+      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; gemm: {"BM", "BN", "BK", "SWAP", "num_warps", "num_stages"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
-    gemv_form: FP4 decode in the GEMV path: "w32" (int32 words, two codes per op; default), "w32c" / "w32p"
-      (coalesced tiles / plus prefetch: untimed), "w32d", "denorm" or "safe"; None reads GPTOSS_MXFP4_GEMV.
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
     """
@@ -676,7 +542,6 @@ def moe_triton(
     x = x.contiguous()
     M = N * K
     dev = x.device
-    denorm = _denorm_default() if denorm is None else denorm
     interp = _interpreting()
     limit = float(swiglu_limit)
 
@@ -688,61 +553,57 @@ def moe_triton(
         ids = expert_ids.reshape(-1).contiguous()
         rwp = weights.reshape(-1).contiguous()
         MP = _next_pow2(M)
-        form = {"safe": 0, "denorm": 1, "w32": 2, "w32d": 3, "w32p": 4, "w32c": 5}[gemv_form or os.environ.get("GPTOSS_MXFP4_GEMV", "w32")]
-        w1 = mlp1_blocks.view(torch.int32) if form >= 2 else mlp1_blocks  # (E, 2I, H/32, 4) words
-        w2 = mlp2_blocks.view(torch.int32) if form >= 2 else mlp2_blocks
+        w1 = mlp1_blocks.view(torch.int32)  # (E, 2I, H/32, 4) words
+        w2 = mlp2_blocks.view(torch.int32)
         # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a
         # bf16 -> fp32 conversion in the kernel would cost ~1.5 instructions per weight element
         xf = x.float()
         act = _empty((M, I), torch.float32, dev)
-        y = _empty((M, H), torch.float32, dev)  # weighted expert outputs, by pair (fp32: the K terms can cancel)
+        y = _empty((M, H), torch.float32, dev)  # expert outputs without bias, by pair (fp32: the K terms can cancel)
         if config is None and not interp:
             k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
-            k1[lambda m: (M, triton.cdiv(2 * I, 2 * m["BLOCK_U"]))](
-                xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, FORM=form)
-            k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](
-                act, ids, rwp, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I, MP=MP, FORM=form)
+            c1 = c2 = {}
         else:
             c = {"BLOCK_U": 16, "BLOCK_H": 32, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
-            _mlp1_swiglu_gemv_kernel[(M, triton.cdiv(I, c["BLOCK_U"]))](
-                xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP,
-                BLOCK_U=c["BLOCK_U"], BLOCK_K=c["BLOCK_K"], FORM=form, num_warps=c["num_warps"])
-            _mlp2_gemv_kernel[(M, triton.cdiv(H, c["BLOCK_H"]))](
-                act, ids, rwp, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I, MP=MP,
-                BLOCK_H=c["BLOCK_H"], BLOCK_K=c["BLOCK_K"], FORM=form, num_warps=c["num_warps"])
-        return y.view(N, K, H).sum(1).to(x.dtype)
+            k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
+            c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+            c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+        k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
+            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, **c1)
+        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, y, M, H=H, I=I, MP=MP, **c2)
+        out = torch.empty_like(x)
+        BLOCK = 1024
+        _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, ids, rwp, mlp2_bias, out, H=H, K_ROUTE=K, BLOCK=BLOCK,
+                                                    num_warps=4)
+        return out
 
     if path != "gemm":
         raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    denorm = _denorm_default() if denorm is None else denorm
     flat_e = expert_ids.reshape(-1)
     _, order = torch.sort(flat_e.to(torch.int32), stable=True)  # (M,): pairs grouped by expert
     order = order.to(torch.int32)  # sorted row -> pair
+    counts = torch.zeros(E, dtype=torch.int32, device=dev)
+    counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int32))  # bincount would sync
+    seg_end = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end sorted row of each expert
     rw = weights.reshape(-1).to(torch.float32).contiguous()  # (M,) routing weight per pair
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
-    cfg = dict(config or {})
-    BM = cfg.pop("BM", None)
-    if BM is None:  # rows per tile from the mean rows per used expert
-        BM = min(128, max(16, _next_pow2(M // max(1, min(E, M)))))
-    tiles, n_tiles = _tile_table(flat_e.long(), E, M, BM)
     y = _empty((M, H), torch.float32, dev)  # weighted expert outputs, pair order
-    if not cfg and not interp:
+    EP = _next_pow2(E)
+    tune_m = max(64, _next_pow2(M))
+    n_tiles = lambda bm: _cdiv(M, bm) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
+    if config is None and not interp:
         k1, k2 = _tuned("mlp1_dot"), _tuned("mlp2_dot")
-        k1[lambda m: (n_tiles, triton.cdiv(I, m["BN"]))](
-            x, order, tiles, n_tiles, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit,
-            H=H, I=I, K_ROUTE=K, BM=BM, DENORM=denorm, DOT_F32=False)
-        k2[lambda m: (n_tiles, triton.cdiv(H, m["BN"]))](
-            act, order, rw, tiles, n_tiles, mlp2_blocks, mlp2_scales, mlp2_bias, y,
-            H=H, I=I, BM=BM, DENORM=denorm, DOT_F32=False)
+        c = {}
     else:
-        c = {"BN": 32, "BK": 64, "num_warps": 4, "num_stages": 2, **cfg}
-        _mlp1_swiglu_dot_kernel[(n_tiles, triton.cdiv(I, c["BN"]))](
-            x, order, tiles, n_tiles, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit,
-            H=H, I=I, K_ROUTE=K, BM=BM, BN=c["BN"], BK=c["BK"], DENORM=denorm, DOT_F32=interp,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
-        _mlp2_dot_kernel[(n_tiles, triton.cdiv(H, c["BN"]))](
-            act, order, rw, tiles, n_tiles, mlp2_blocks, mlp2_scales, mlp2_bias, y,
-            H=H, I=I, BM=BM, BN=c["BN"], BK=c["BK"], DENORM=denorm, DOT_F32=interp,
-            num_warps=c["num_warps"], num_stages=c["num_stages"])
+        k1, k2 = _mlp1_swiglu_dot_kernel, _mlp2_dot_kernel
+        c = {"BM": 16, "BN": 32, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 2, **(config or {})}
+    k1[lambda m: (triton.cdiv(I, m["BN"]), n_tiles(m["BM"]))](
+        x, order, seg_end, E, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit, tune_m,
+        H=H, I=I, K_ROUTE=K, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
+    k2[lambda m: (triton.cdiv(H, m["BN"]), n_tiles(m["BM"]))](
+        act, order, rw, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
+        H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
     return y.view(N, K, H).sum(1).to(x.dtype)
 
 
