@@ -18,14 +18,13 @@ from gptoss.paged_cache import PagedKVCache
 class TritonKVCache(KVCache):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        self._decode_index_of = None  # the positions tensor that _decode_index was computed for
         self._decode_index: dict = {}
 
-    def decode_index(self, positions: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def decode_index(self, layer: int, positions: torch.Tensor, slots: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(slot of the new token in a buffer of `slots`, sequence length as int32), computed once per forward
-        and buffer size rather than once per layer."""
-        if self._decode_index_of is not positions:
-            self._decode_index_of = positions
+        and buffer size rather than once per layer. Layer 0 recomputes, so a CUDA graph capture records the
+        computation instead of baking in a value from before the capture."""
+        if layer == 0:
             self._decode_index = {"seq_lens": (positions + 1).to(torch.int32)}
         if slots not in self._decode_index:
             self._decode_index[slots] = positions % slots
@@ -36,7 +35,7 @@ class TritonKVCache(KVCache):
         slots = keys.shape[0]
         n = q.shape[0]
         if n == 1:
-            slot, seq_lens = self.decode_index(positions, slots)
+            slot, seq_lens = self.decode_index(layer, positions, slots)
             keys.index_copy_(0, slot, k)
             values.index_copy_(0, slot, v)
             return decode_attention(q, keys[None], values[None], sinks, seq_lens, window, sm_scale)
