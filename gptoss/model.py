@@ -142,14 +142,10 @@ class MLPBlock(nn.Module):
     def forward(self, x):
         t = self.norm(x)
         fused = isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(t)  # packed experts on the GPU
+        weights, expert_ids = route(self.gate(t), self.experts_per_token, sorted=not fused)  # (N, K) each
         experts = moe
         if fused:
             from gptoss.kernels.moe_triton import moe_triton_from_stores as experts
-            from gptoss.kernels.router_triton import MAX_TOKENS, route_triton
-        if fused and t.shape[0] <= MAX_TOKENS:  # decode: router GEMV, top-k and softmax in one kernel
-            weights, expert_ids = route_triton(t, self.gate.weight, self.gate.bias, self.experts_per_token)
-        else:
-            weights, expert_ids = route(self.gate(t), self.experts_per_token, sorted=not fused)  # (N, K) each
         y = experts(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
                     self.swiglu_limit)
         return x + y
