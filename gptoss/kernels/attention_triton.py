@@ -156,6 +156,17 @@ _PREFILL_WINDOW_CFG = (64, 32, 4, 2)  # block_m (rows = tokens x heads of a grou
 _PREFILL_FULL_CFG = (128, 64, 8, 3)
 
 
+def _check_heads(q: torch.Tensor, n_kv_heads: int, sinks: torch.Tensor, window: int | None,
+                 sm_scale: float | None) -> tuple[int, float]:
+    """Checks shared by both kernels; returns (query heads per KV head, softmax scale)."""
+    n_heads, head_dim = q.shape[1], q.shape[2]
+    assert sinks.shape == (n_heads,) and n_heads % n_kv_heads == 0 and q.stride(2) == 1
+    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be positive, got {window}")
+    return n_heads // n_kv_heads, sm_scale if sm_scale is not None else 1.0 / math.sqrt(head_dim)
+
+
 def prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -180,15 +191,9 @@ def prefill_attention(
     """
     n_tokens, n_heads, head_dim = q.shape
     n_keys, n_kv_heads, _ = k.shape
-    assert v.shape == k.shape and k.shape[2] == head_dim and sinks.shape == (n_heads,)
-    assert n_heads % n_kv_heads == 0 and k_start >= 0 and q_start >= 0
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
-    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
-    if window is not None and window <= 0:
-        raise ValueError(f"window must be positive, got {window}")
-    g = n_heads // n_kv_heads
+    assert v.shape == k.shape and k.shape[2] == head_dim and k_start >= 0 and q_start >= 0
+    assert k.stride(2) == 1 and v.stride(2) == 1
+    g, sm_scale = _check_heads(q, n_kv_heads, sinks, window, sm_scale)
     # tiles measured on an H100 (scripts/bench_attention.py --sweep): small tiles for sliding layers (few keys
     # per row), large ones for full layers
     cfg = _PREFILL_WINDOW_CFG if window is not None else _PREFILL_FULL_CFG
@@ -371,15 +376,9 @@ def decode_attention(
     """
     batch, n_heads, head_dim = q.shape
     n_kv_heads = k_cache.shape[2]
-    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim and sinks.shape == (n_heads,)
-    assert n_heads % n_kv_heads == 0 and seq_lens.shape == (batch,)
-    assert head_dim >= 16 and head_dim & (head_dim - 1) == 0, "head_dim must be a power of two >= 16"
-    assert q.stride(2) == 1 and k_cache.stride(3) == 1 and v_cache.stride(3) == 1
-    if sm_scale is None:
-        sm_scale = 1.0 / math.sqrt(head_dim)
-    if window is not None and window <= 0:
-        raise ValueError(f"window must be positive, got {window}")
-    g = n_heads // n_kv_heads
+    assert k_cache.shape == v_cache.shape and k_cache.shape[3] == head_dim and seq_lens.shape == (batch,)
+    assert k_cache.stride(3) == 1 and v_cache.stride(3) == 1
+    g, sm_scale = _check_heads(q, n_kv_heads, sinks, window, sm_scale)
     paged = block_table is not None
     if paged:
         assert block_table.dim() == 2 and block_table.shape[0] == batch
