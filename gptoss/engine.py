@@ -35,9 +35,10 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   fails the requests of that step (their generate iterator raises EngineError) and frees their blocks; the loop
   keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
   request and frees its blocks.
-- Compute: `_forward` is the single seam for a GPU fast path (a Triton paged-decode kernel that reads the pools
-  through the block tables, and per-batch-size CUDA graphs for decode steps). Today every device runs the pure
-  model through PagedKVCache, whose attention over a packed step costs O(step tokens x gathered keys).
+- Compute: `_forward` runs a step. On the CPU the pure model runs through PagedKVCache, whose attention over a
+  packed step costs O(step tokens x gathered keys). On CUDA, gptoss.cuda_cache.TritonPagedKVCache runs the Triton
+  kernels (flash prefill per sequence, split-K decode reading the pools through the block tables), the MoE runs
+  its Triton kernels, and decode steps replay CUDA graphs captured per batch-size bucket (gptoss.cuda_graph).
 """
 
 from __future__ import annotations
