@@ -198,7 +198,11 @@ def _lazy(module: str, name: str):
     def run(args) -> int:
         import importlib
 
-        return getattr(importlib.import_module(module), name)(args)
+        try:
+            command = getattr(importlib.import_module(module), name)
+        except ModuleNotFoundError as err:  # an optional dependency (the `serve` extra)
+            raise GptOssError(f"`gptoss {args.command}` needs {err.name!r}: pip install 'gptoss[serve]'") from None
+        return command(args)
 
     return run
 

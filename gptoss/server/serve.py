@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 import sys
 
+import uvicorn
+
 from gptoss.server.app import create_app
 
 
@@ -18,9 +20,7 @@ def _served_model_name(folder: str) -> str:
 
 def cmd_serve(args) -> int:
     """`gptoss serve`: load the checkpoint, start the engine and serve the OpenAI-compatible API with uvicorn."""
-    # Imported here: torch and uvicorn are slow to import and only this command needs them.
-    import uvicorn
-
+    # Imported here: torch is slow to import and the server's request models do not need it.
     from gptoss.cli import _checkpoint_or_demo, load_model_from_args
     from gptoss.engine import Engine
 
