@@ -18,7 +18,13 @@ triton = pytest.importorskip("triton")
 
 from gptoss.experts import MXFP4Experts  # noqa: E402
 from gptoss.kernels.moe import moe, route  # noqa: E402
-from gptoss.kernels.moe_triton import _fp4_unscaled, _scale_value, moe_fast_available, moe_triton  # noqa: E402
+from gptoss.kernels.moe_triton import (  # noqa: E402
+    _dot_configs,
+    _fp4_unscaled,
+    _scale_value,
+    moe_fast_available,
+    moe_triton,
+)
 
 tl = pytest.importorskip("triton.language")
 
@@ -164,6 +170,21 @@ def test_gpu_small_shapes(N):
 @pytest.mark.parametrize("N", [1, 2, 5, 8])
 def test_gpu_both_paths_decode_sizes(N, path):
     check(N, E=32, H=2880, I=2880, K=4, device="cuda", path=path, seed=10 + N)
+
+
+@gpu_only
+@pytest.mark.parametrize("mlp1", [True, False])
+@pytest.mark.parametrize("index", range(6))
+def test_gpu_every_gemm_tile_candidate(index, mlp1):
+    """The autotuner may pick any candidate: each must compute the same function (at a batched-decode size). A fixed
+    config runs both GEMM kernels, so a candidate meant for one kernel may not fit the other: that one is skipped,
+    as the autotuner skips it."""
+    candidate = _dot_configs(mlp1)[index]
+    try:
+        check(48, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm", seed=60 + index,
+              config=dict(candidate.kwargs, num_warps=candidate.num_warps, num_stages=candidate.num_stages))
+    except triton.runtime.errors.OutOfResources:
+        pytest.skip(f"{candidate} does not fit both kernels")
 
 
 @gpu_only

@@ -456,10 +456,13 @@ if HAS_TRITON:
 
     def _dot_configs(mlp1: bool) -> list:
         # (BM, BN, BK, SWAP, warps, stages): the best four of each kernel at N = 1024 and 8192 on H100 out of 13
-        # (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows)
-        cands = [(128, 64, 64, 1, 8, 3), (64, 64, 64, 1, 4, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3)] \
+        # (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows). Plus two with
+        # 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are padding).
+        cands = [(128, 64, 64, 1, 8, 3), (64, 64, 64, 1, 4, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3),
+                 (32, 64, 128, 1, 4, 4), (32, 128, 64, 1, 4, 4)] \
             if mlp1 else \
-            [(64, 128, 64, 0, 4, 3), (128, 128, 128, 0, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3)]
+            [(64, 128, 64, 0, 4, 3), (128, 128, 128, 0, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3),
+             (32, 128, 128, 1, 4, 4), (32, 256, 64, 1, 8, 3)]
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": bool(sw)}, num_warps=w, num_stages=s)
                 for bm, bn, bk, sw, w, s in cands]
 
