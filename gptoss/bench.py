@@ -13,10 +13,11 @@ import time
 import torch
 
 from gptoss.checkpoint import load_model
-from gptoss.checkpoint_writer import fill_random
+from gptoss import mxfp4
+from gptoss.checkpoint_writer import fill_random, to_hf_tensors
 from gptoss.config import preset
 from gptoss.generate import TokenGenerator
-from gptoss.layouts import DENSE, HF, tensor_names
+from gptoss.layouts import DENSE
 from gptoss.model import Transformer
 
 
@@ -110,17 +111,9 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
 
 def hf_state_dict(model: Transformer):
     """Yields (HF name, tensor) for a transformers GptOssForCausalLM with dense bf16 experts."""
-    state = model.state_dict()
-    for hf_name, target in tensor_names(model.config, HF, DENSE).items():
-        if target.key.endswith("_weight.weight"):  # dense experts: dequantize our packed store, transpose
-            store = model.get_submodule(target.key.rsplit(".", 1)[0])
-            yield hf_name, torch.stack([store.expert(e, torch.bfloat16) for e in range(model.config.num_experts)]
-                                       ).transpose(-1, -2)
-            continue
-        tensor = state[target.key]
-        if target.rows is not None:
-            tensor = tensor[target.rows[0] : target.rows[1]]
-        yield hf_name, tensor.to(torch.bfloat16)
+    packed_pairs = mxfp4.PairCollector()
+    for name, tensor in model.state_dict().items():  # our state keys are the original checkpoint's names
+        yield from to_hf_tensors(name, tensor, model.config, DENSE, packed_pairs)
 
 
 @torch.inference_mode()

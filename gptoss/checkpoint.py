@@ -159,7 +159,7 @@ def load_model(
     plan = _plan(info, state, dequantize)
     model.to_empty(device=device)
     state = model.state_dict()
-    pending_blocks: dict[str, torch.Tensor] = {}
+    packed_pairs = mxfp4.PairCollector()  # dequantize=True: blocks wait here for their scales
     files = sorted({t.file for t in info.tensors.values()})
     bar = tqdm(total=info.num_bytes, unit="B", unit_scale=True, desc="loading", disable=_quiet(progress))
     with torch.no_grad():
@@ -173,7 +173,10 @@ def load_model(
                     target = plan[name]
                     tensor = handle.get_tensor(name)
                     if dequantize and target.key.endswith((".blocks", ".scales")):
-                        _put_dequantized(state, target.key, tensor, pending_blocks)
+                        pair = packed_pairs.add(target.key, tensor)
+                        if pair is not None:
+                            weight, blocks, scales = pair
+                            mxfp4.dequantize_into(state[weight + ".weight"], blocks, scales)
                     else:
                         _put(state[target.key], target, tensor)
                     bar.update(tensor.numel() * tensor.element_size())
@@ -198,16 +201,3 @@ def _put(param: torch.Tensor, target: Target, tensor: torch.Tensor) -> None:
     if target.transpose:
         tensor = tensor.transpose(-1, -2)
     dest.copy_(tensor)
-
-
-def _put_dequantized(state, key: str, tensor: torch.Tensor, pending: dict[str, torch.Tensor]) -> None:
-    """Dequantizes a blocks/scales pair into its dense target once both halves have been read."""
-    dense_key = _dequantized_key(key)
-    if dense_key not in pending:
-        pending[dense_key] = tensor
-        return
-    other = pending.pop(dense_key)
-    blocks, scales = (tensor, other) if key.endswith(".blocks") else (other, tensor)
-    param = state[dense_key]
-    for e in range(param.shape[0]):  # one expert at a time bounds the float32 temporaries
-        param[e].copy_(mxfp4.dequantize(blocks[e], scales[e], param.dtype))

@@ -77,30 +77,31 @@ def random_tensors(config: ModelConfig, seed: int = 0, device="cpu") -> Iterator
 def fill_random(model, seed: int = 0) -> None:
     """Fills a (possibly meta-initialized, then `to_empty`) model in place with random_tensors."""
     state = model.state_dict()
+    packed_pairs = mxfp4.PairCollector()  # a dense-expert model receives blocks/scales pairs
     with torch.no_grad():
-        pending = {}
         for name, tensor in random_tensors(model.config, seed, device=model.device):
             if name in state:
                 state[name].copy_(tensor)
-                continue
-            dense = name.rsplit(".", 1)[0] + ".weight"  # a dense-expert model receives blocks/scales pairs
-            if dense not in pending:
-                pending[dense] = tensor
-                continue
-            state[dense].copy_(mxfp4.dequantize(pending.pop(dense), tensor, state[dense].dtype))
+            elif (pair := packed_pairs.add(name, tensor)) is not None:
+                weight, blocks, scales = pair
+                mxfp4.dequantize_into(state[weight + ".weight"], blocks, scales)
     model.rope.reset_buffers()
 
 
-def _to_hf(name: str, tensor: torch.Tensor, config: ModelConfig, experts: str, pending: dict):
-    """Converts one original tensor into its HF tensors (a dense expert needs its blocks and scales first)."""
+def to_hf_tensors(name: str, tensor: torch.Tensor, config: ModelConfig, experts: str,
+                  packed_pairs: mxfp4.PairCollector) -> list[tuple[str, torch.Tensor]]:
+    """Converts one original-layout tensor into its HF tensors. For dense experts a blocks/scales pair yields one
+    dequantized, transposed tensor once both halves have been given."""
     by_target = _hf_targets(config, experts)
     if experts == DENSE and name.endswith((".blocks", ".scales")):
-        key = name.rsplit(".", 1)[0]
-        if key not in pending:
-            pending[key] = tensor
+        pair = packed_pairs.add(name, tensor)
+        if pair is None:
             return []
-        dense = mxfp4.dequantize(pending.pop(key), tensor, torch.bfloat16)  # (E, out, in)
-        (hf_name, _), = by_target[key + ".weight"]
+        weight, blocks, scales = pair
+        dense = torch.empty(*scales.shape[:-1], scales.shape[-1] * mxfp4.BLOCK_SIZE, dtype=torch.bfloat16,
+                            device=blocks.device)
+        mxfp4.dequantize_into(dense, blocks, scales)  # (E, out, in)
+        (hf_name, _), = by_target[weight + ".weight"]
         return [(hf_name, dense.transpose(-1, -2).contiguous())]
     out = []
     for hf_name, target in by_target[name]:
@@ -178,7 +179,7 @@ def _write_shards(folder: Path, config, layout, experts, seed, device, num_shard
     weight_map = {}
     shard: dict[str, torch.Tensor] = {}
     current = 0
-    pending: dict = {}
+    packed_pairs = mxfp4.PairCollector()
     bar = tqdm(total=num_shards, desc="writing shards", disable=not progress)
 
     def flush():
@@ -193,7 +194,8 @@ def _write_shards(folder: Path, config, layout, experts, seed, device, num_shard
         if index != current:
             flush()
             current = index
-        pieces = [(name, tensor)] if layout == ORIGINAL else _to_hf(name, tensor, config, experts, pending)
+        pieces = [(name, tensor)] if layout == ORIGINAL else to_hf_tensors(name, tensor, config, experts,
+                                                                            packed_pairs)
         for piece_name, piece in pieces:
             shard[piece_name] = piece.cpu()
     flush()

@@ -34,3 +34,28 @@ def dequantize(blocks: torch.Tensor, scales: torch.Tensor, dtype: torch.dtype = 
     values = torch.ldexp(values, exponents.unsqueeze(-1))
     return values.flatten(-2).to(dtype)  # (..., G * 32)
 
+
+
+def dequantize_into(out: torch.Tensor, blocks: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    """Dequantizes experts (E, rows, G, 16) / (E, rows, G) into out (E, rows, G * 32), one expert at a time so the
+    float32 temporaries stay one expert's size."""
+    for e in range(out.shape[0]):
+        out[e].copy_(dequantize(blocks[e], scales[e], out.dtype))
+    return out
+
+
+class PairCollector:
+    """Pairs the `<weight>.blocks` and `<weight>.scales` tensors of MXFP4 weights as they stream past, in either
+    order (checkpoint files list tensors in any order)."""
+
+    def __init__(self):
+        self._waiting: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def add(self, name: str, tensor: torch.Tensor) -> tuple[str, torch.Tensor, torch.Tensor] | None:
+        """-> (weight name without the suffix, blocks, scales) once both halves are in; None until then."""
+        prefix, part = name.rsplit(".", 1)
+        if prefix not in self._waiting:
+            self._waiting[prefix] = (part, tensor)
+            return None
+        _, other = self._waiting.pop(prefix)
+        return (prefix, tensor, other) if part == "blocks" else (prefix, other, tensor)

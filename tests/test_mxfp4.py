@@ -42,3 +42,16 @@ def test_blocks_of_32_along_the_last_axis_and_bf16_exact():
     expected = mxfp4.FP4_VALUES[byte >> 4] * 2.0 ** (int(scales[b, r, g]) - 127)
     assert values[b, r, g * 32 + 2 * j + 1].item() == expected
     assert torch.equal(mxfp4.dequantize(blocks, scales, torch.bfloat16).float(), values)
+
+
+def test_pair_collector_pairs_either_order():
+    pairs = mxfp4.PairCollector()
+    gen = torch.Generator().manual_seed(1)
+    blocks = torch.randint(0, 256, (2, 3, 1, 16), dtype=torch.uint8, generator=gen)  # (E, rows, G, 16)
+    scales = torch.randint(120, 130, (2, 3, 1), dtype=torch.uint8, generator=gen)
+    assert pairs.add("block.0.mlp.mlp1_weight.scales", scales) is None
+    assert pairs.add("block.1.mlp.mlp1_weight.blocks", blocks) is None
+    weight, got_blocks, got_scales = pairs.add("block.0.mlp.mlp1_weight.blocks", blocks)
+    assert weight == "block.0.mlp.mlp1_weight" and got_blocks is blocks and got_scales is scales
+    out = mxfp4.dequantize_into(torch.full((2, 3, 32), float("nan")), blocks, scales)
+    assert torch.equal(out, mxfp4.dequantize(blocks, scales, torch.float32))
