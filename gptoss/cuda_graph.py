@@ -6,6 +6,22 @@ import torch
 from gptoss.cuda_cache import DecodeStep, TritonPagedKVCache
 
 
+def capture(step):
+    """Runs `step()` twice on a side stream (Triton compiles, cuBLAS picks algorithms), then records it in a CUDA
+    graph. Returns (graph, the output tensor the graph writes on each replay). The warm-up runs write k/v only into
+    the slots the real step writes again."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        output = step()
+    return graph, output
+
+
 class GraphedDecodeStep:
     """Replays model(token, position, cache) -> logits (V,) with static buffers; captured on first use."""
 
@@ -17,24 +33,11 @@ class GraphedDecodeStep:
         self.graph = None
         self.logits = None
 
-    def _capture(self):
-        # warm up on a side stream (Triton compiles, cuBLAS picks algorithms), then capture. The warm-up writes
-        # k/v for the current position, which the real step overwrites.
-        stream = torch.cuda.Stream()
-        stream.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self.model(self.token, self.position, self.cache)
-        torch.cuda.current_stream().wait_stream(stream)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self.logits = self.model(self.token, self.position, self.cache)[0]
-
     def __call__(self, token: torch.Tensor, position: int) -> torch.Tensor:
         self.token.copy_(token.view(1), non_blocking=True)
         self.position.fill_(position)
         if self.graph is None:
-            self._capture()
+            self.graph, self.logits = capture(lambda: self.model(self.token, self.position, self.cache)[0])
         self.graph.replay()
         return self.logits
 
@@ -67,15 +70,6 @@ class GraphedBatchDecode:
         tokens = self.tokens[:bucket]
         self.cache.decode_step = view
         try:
-            stream = torch.cuda.Stream()
-            stream.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(stream):
-                for _ in range(2):  # compile kernels; writes only the step's own slots (and scratch)
-                    self.model(tokens, view.positions, self.cache)
-            torch.cuda.current_stream().wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                self.logits[bucket] = self.model(tokens, view.positions, self.cache)
-            self.graphs[bucket] = graph
+            self.graphs[bucket], self.logits[bucket] = capture(lambda: self.model(tokens, view.positions, self.cache))
         finally:
             self.cache.decode_step = None
