@@ -30,14 +30,26 @@ class TritonKVCache(KVCache):
             self._decode_index[slots] = positions % slots
         return self._decode_index[slots], self._decode_index["seq_lens"]
 
+    def decode_write_target(self, layer: int, positions: torch.Tensor):
+        """For a decode step: (keys, values, slot (1,)) where the model's RoPE kernel stores the new k and v itself
+        (it then passes k = v = None to `attend`); None for a prefill chunk."""
+        if positions.shape[0] != 1:
+            return None
+        keys, values = self.keys[layer], self.values[layer]
+        slot, _ = self.decode_index(layer, positions, keys.shape[0])
+        return keys, values, slot
+
     def attend(self, layer, q, k, v, positions, window, sinks, sm_scale):
         keys, values = self.keys[layer], self.values[layer]
         slots = keys.shape[0]
         n = q.shape[0]
         if n == 1:
-            slot, seq_lens = self.decode_index(layer, positions, slots)
-            keys.index_copy_(0, slot, k)
-            values.index_copy_(0, slot, v)
+            if k is None:  # stored through decode_write_target, which computed this step's index
+                seq_lens = self._decode_index["seq_lens"]
+            else:
+                slot, seq_lens = self.decode_index(layer, positions, slots)
+                keys.index_copy_(0, slot, k)
+                values.index_copy_(0, slot, v)
             return decode_attention(q, keys[None], values[None], sinks, seq_lens, window, sm_scale)
         start = self.length - n  # reserve() already counted this chunk
         if self.slot_positions[layer] is None:  # full layer: slot == position
@@ -64,12 +76,20 @@ class TritonPagedKVCache(PagedKVCache):
         self.scratch_slot = num_blocks * block_size
         self.decode_step: DecodeStepView | None = None  # set while GraphedBatchDecode records its steps
 
+    def decode_write_target(self, layer: int, positions: torch.Tensor):
+        """In a graphed decode step: (key pool, value pool, slots (B,)) where the model's RoPE kernel stores the new
+        k and v itself (it then passes k = v = None to `attend`); None otherwise."""
+        if self.decode_step is None:
+            return None
+        return self.key_pools[layer], self.value_pools[layer], self.decode_step.slots
+
     def attend(self, layer, q, k, v, positions, window, sinks, sm_scale):
         if self.decode_step is not None:  # decode: one new token per sequence, static metadata
             step = self.decode_step
-            n_kv, head_dim = k.shape[1:]
-            self.key_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, k)
-            self.value_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, v)
+            if k is not None:
+                n_kv, head_dim = k.shape[1:]
+                self.key_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, k)
+                self.value_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, v)
             return decode_attention(q, self.key_pools[layer], self.value_pools[layer], sinks, step.seq_lens, window,
                                     sm_scale, block_table=step.block_table, max_context=step.max_context)
         keys, values, _ = self.update(layer, k, v, positions, window)

@@ -35,7 +35,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if use_triton(x):
-            from gptoss.kernels.attention_triton import rms_norm
+            from gptoss.kernels.norm_triton import rms_norm
 
             return rms_norm(x, self.scale, RMS_NORM_EPS)
         t = x.float()
@@ -102,14 +102,19 @@ class AttentionBlock(nn.Module):
         self.out = nn.Linear(config.q_dim, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x, positions, cos, sin, cache=None):
+        """x (N, H) -> the attention's update (N, H); the residual add is the MLP block's (see MLPBlock)."""
         n = x.shape[0]
         qkv = self.qkv(self.norm(x))  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
-        if use_triton(qkv):  # one kernel rotates q and k
+        if use_triton(qkv):  # one kernel rotates q and k, and in a GPU decode step also stores k and v
             from gptoss.kernels.attention_triton import rope_and_cache_write
 
-            q, k = rope_and_cache_write(qkv, cos, sin, self.n_heads, self.n_kv_heads)
+            write_target = getattr(cache, "decode_write_target", None)  # optional part of the cache protocol
+            target = write_target(self.layer_idx, positions) if write_target else None
+            q, k = rope_and_cache_write(qkv, cos, sin, self.n_heads, self.n_kv_heads, *(target or ()))
+            if target is not None:
+                k = v = None  # already in the cache
         else:
             q = apply_rope(qkv[:, :q_dim].view(n, self.n_heads, self.head_dim), cos, sin)
             k = apply_rope(qkv[:, q_dim : q_dim + kv_dim].view(n, self.n_kv_heads, self.head_dim), cos, sin)
@@ -117,7 +122,7 @@ class AttentionBlock(nn.Module):
             o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
         else:  # the cache stores k/v and runs attention over everything the queries may see
             o = cache.attend(self.layer_idx, q, k, v, positions, self.window, self.sinks, self.sm_scale)  # (N, Hq, D)
-        return x + self.out(o.reshape(n, q_dim))
+        return self.out(o.reshape(n, q_dim))
 
 
 class MLPBlock(nn.Module):
@@ -139,16 +144,29 @@ class MLPBlock(nn.Module):
         self.mlp1_bias = nn.Parameter(torch.zeros(e, 2 * i, device=device, dtype=dtype))
         self.mlp2_bias = nn.Parameter(torch.zeros(e, h, device=device, dtype=dtype))
 
-    def forward(self, x):
-        t = self.norm(x)
-        fused = isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(t)  # packed experts on the GPU
-        weights, expert_ids = route(self.gate(t), self.experts_per_token, sorted=not fused)  # (N, K) each
-        experts = moe
-        if fused:
-            from gptoss.kernels.moe_triton import moe_triton_from_stores as experts
-        y = experts(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
-                    self.swiglu_limit)
-        return x + y
+    def forward(self, x, update):
+        """x: the block's input; update: the attention's output. Returns h + MoE(norm(h)) with h = x + update:
+        taking the attention's residual add here lets the GPU path fuse it into the norm."""
+        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(x):
+            return self._forward_gpu(x, update)
+        h = x + update
+        t = self.norm(h)
+        weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
+        return h + moe(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
+                       self.swiglu_limit)
+
+    def _forward_gpu(self, x, update):
+        """The same with packed experts on the GPU in five launches: residual add + norm, the gate GEMV, top-K +
+        softmax, and the MoE kernels, whose last one adds h."""
+        from gptoss.kernels.moe_triton import DECODE_MAX_TOKENS, moe_triton_from_stores
+        from gptoss.kernels.norm_triton import add_rms_norm
+        from gptoss.kernels.route_triton import route_triton
+
+        gemv = x.shape[0] <= DECODE_MAX_TOKENS  # the MoE GEMV kernels read float32 activations
+        h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS, with_float32=gemv)
+        weights, expert_ids = route_triton(self.gate(t), self.experts_per_token)
+        return moe_triton_from_stores(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight,
+                                      self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
 
 
 class TransformerBlock(nn.Module):
@@ -158,7 +176,7 @@ class TransformerBlock(nn.Module):
         self.mlp = MLPBlock(config, device=device, dtype=dtype, expert_format=expert_format)
 
     def forward(self, x, positions, cos, sin, cache=None):
-        return self.mlp(self.attn(x, positions, cos, sin, cache))
+        return self.mlp(x, self.attn(x, positions, cos, sin, cache))
 
 
 class Transformer(nn.Module):

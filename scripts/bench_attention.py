@@ -18,7 +18,8 @@ import triton
 from triton.testing import do_bench, do_bench_cudagraph
 
 from gptoss.kernels.attention import attention_mask, sink_attention
-from gptoss.kernels.attention_triton import decode_attention, prefill_attention, rms_norm
+from gptoss.kernels.attention_triton import decode_attention, prefill_attention
+from gptoss.kernels.norm_triton import rms_norm
 
 HQ, HKV, D = 64, 8, 64
 SCALE = 1 / math.sqrt(D)

@@ -21,8 +21,6 @@ from gptoss.kernels.attention import attention_mask, sink_attention  # noqa: E40
 from gptoss.kernels.attention_triton import (  # noqa: E402
     decode_attention,
     prefill_attention,
-    rms_norm,
-    rms_norm_reference,
     rope_and_cache_write,
     rope_reference,
 )
@@ -309,24 +307,8 @@ def test_decode_matches_prefill_last_row():
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# fused RMSNorm and RoPE + cache write
+# fused RoPE + cache write
 # --------------------------------------------------------------------------------------------------------------------
-
-
-RMS_CASES = [(1, 64), (5, 100), (3, 2880)] if INTERPRET else [(1, 2880), (129, 2880), (4097, 2880)]
-
-
-@pytest.mark.parametrize("n, dim", RMS_CASES)
-def test_rms_norm(n, dim):
-    torch.manual_seed(n)
-    x = randn(n, dim) * 3
-    scale = torch.rand(dim, device=DEVICE) + 0.5
-    out = rms_norm(x, scale, 1e-5)
-    ref = rms_norm_reference(x, scale, 1e-5)
-    assert out.dtype == x.dtype and not torch.isnan(out).any()
-    assert rel_err(out, ref) <= EW_TOL
-    # at most one bf16 ulp apart element-wise
-    assert ((out.float() - ref.float()).abs() <= ref.float().abs() * 2**-7 + 1e-6).all()
 
 
 @pytest.mark.parametrize("n", [1, 7, 33] if INTERPRET else [1, 129, 4097])

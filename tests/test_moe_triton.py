@@ -78,6 +78,19 @@ def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=1e-2, den
     return err
 
 
+def check_residual(N, device, path, config=None):
+    """residual= adds the block's residual as the pure path does (sum rounded first); x_float32= is read instead
+    of converting x."""
+    E, H, I, K = 8, 64, 64, 4
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=N)
+    x, w, ids = make_tokens(N, E, H, K, device, seed=N + 100)
+    residual = torch.randn(N, H, device=device).to(torch.bfloat16) * 4
+    ref = residual + moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
+    out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path=path,
+                     config=config, residual=residual, x_float32=x.float() if path == "gemv" else None)
+    assert rel_err(out, ref) <= 1e-2
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # CPU interpreter (opt-in, tiny shapes)
 # ---------------------------------------------------------------------------------------------------------------
@@ -88,6 +101,13 @@ interp_only = pytest.mark.skipif(not INTERPRET, reason="set GPTOSS_TRITON_INTERP
 @pytest.mark.parametrize("N", [1, 3, 8])
 def test_interpret_gemv(N):
     check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32})
+
+
+@interp_only
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_interpret_residual(path):
+    check_residual(3, "cpu", path, {"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32} if path == "gemv" else
+                   {"BM": 16, "BN": 16, "BK": 32})
 
 
 @interp_only
@@ -185,6 +205,12 @@ def test_gpu_every_gemm_tile_candidate(index, mlp1):
               config=dict(candidate.kwargs, num_warps=candidate.num_warps, num_stages=candidate.num_stages))
     except triton.runtime.errors.OutOfResources:
         pytest.skip(f"{candidate} does not fit both kernels")
+
+
+@gpu_only
+@pytest.mark.parametrize("path", ["gemv", "gemm"])
+def test_gpu_residual(path):
+    check_residual(5, "cuda", path)
 
 
 @gpu_only

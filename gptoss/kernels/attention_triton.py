@@ -434,47 +434,6 @@ def decode_attention(
 
 
 # --------------------------------------------------------------------------------------------------------------------
-# Fused RMSNorm
-# --------------------------------------------------------------------------------------------------------------------
-
-
-@triton.jit
-def _rms_norm_kernel(X, W, Out, stride_x, stride_o, dim, eps, BLOCK: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    ok = cols < dim
-    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    inv = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / dim + eps)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Out + row * stride_o + cols, (x * inv * w).to(Out.dtype.element_ty), mask=ok)
-
-
-def rms_norm_reference(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
-    """gptoss.model.RMSNorm: statistics and gain in float32, output in x's dtype."""
-    t = x.float()
-    t = t * torch.rsqrt(t.pow(2).mean(dim=-1, keepdim=True) + eps)
-    return (t * scale).to(x.dtype)
-
-
-def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float, *, out: torch.Tensor | None = None) -> torch.Tensor:
-    """x (..., H) -> (..., H) in x's dtype; fp32 statistics, fp32 gain (scale (H,))."""
-    dim = x.shape[-1]
-    x2 = x.reshape(-1, dim)
-    assert x2.stride(1) == 1 and scale.shape == (dim,)
-    if out is None:
-        out = torch.empty(x.shape, device=x.device, dtype=x.dtype)
-    o2 = out.view(-1, dim)
-    if x2.shape[0] == 0:
-        return out
-    block = triton.next_power_of_2(dim)
-    _rms_norm_kernel[(x2.shape[0],)](
-        x2, scale.contiguous(), o2, x2.stride(0), o2.stride(0), dim, eps, BLOCK=block,
-        num_warps=4 if block <= 2048 else 8,
-    )
-    return out
-
-
-# --------------------------------------------------------------------------------------------------------------------
 # Fused RoPE (half-split) on q and k + KV-cache write
 # --------------------------------------------------------------------------------------------------------------------
 

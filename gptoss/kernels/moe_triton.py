@@ -254,10 +254,11 @@ if HAS_TRITON:
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
 
     @triton.jit
-    def _combine_kernel(y_ptr, ids_ptr, rw_ptr, b_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                        BLOCK: tl.constexpr):
+    def _combine_kernel(y_ptr, ids_ptr, rw_ptr, b_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
+                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
         """out[n] = sum_k w(n, k) * (y[pair] + b2[e(pair)]), pair = n * K + k, in a fixed order, cast to out's
-        dtype (one launch instead of torch's sum + cast)."""
+        dtype (one launch instead of torch's sum + cast). RESIDUAL: out[n] = res[n] + that sum, rounded as the
+        pure path rounds (the sum to out's dtype first, then the add)."""
         n = tl.program_id(0)
         hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         hm = hs < H
@@ -268,7 +269,11 @@ if HAS_TRITON:
             y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0) + tl.load(b_ptr + e * H + hs, mask=hm,
                                                                         other=0.0).to(tl.float32)
             acc += tl.load(rw_ptr + p).to(tl.float32) * y
-        tl.store(out_ptr + n * H + hs, acc.to(out_ptr.dtype.element_ty), mask=hm)
+        out = acc.to(out_ptr.dtype.element_ty)
+        if RESIDUAL:
+            out = (tl.load(res_ptr + n * H + hs, mask=hm, other=0.0).to(tl.float32) + out.to(tl.float32)).to(
+                out_ptr.dtype.element_ty)
+        tl.store(out_ptr + n * H + hs, out, mask=hm)
 
     # ------------------------------------------------------------------------------------------------------
     # Prefill: grouped GEMM. Grid (column blocks j, row tiles t): column blocks vary fastest, so the programs in
@@ -512,12 +517,17 @@ def moe_triton(
     mlp2_bias: torch.Tensor,
     swiglu_limit: float,
     *,
+    residual: torch.Tensor | None = None,
+    x_float32: torch.Tensor | None = None,
     path: str = "auto",
     config: dict | None = None,
     denorm: bool | None = None,
 ) -> torch.Tensor:
     """sum_k weights[:, k] * expert_{ids[:, k]}(x) as (N, H) in x's dtype; the same function as
     gptoss.kernels.moe.moe with MXFP4 expert stores, computed from the packed bytes.
+
+    residual (N, H): returns residual + that sum instead (the block's residual add, fused into the last kernel).
+    x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
 
     path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
@@ -545,6 +555,8 @@ def moe_triton(
     if N == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match x {tuple(x.shape)} {x.dtype}")
     M = N * K
     dev = x.device
     interp = _interpreting()
@@ -562,7 +574,7 @@ def moe_triton(
         w2 = mlp2_blocks.view(torch.int32)
         # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a
         # bf16 -> fp32 conversion in the kernel would cost ~1.5 instructions per weight element
-        xf = x.float()
+        xf = x.float() if x_float32 is None else x_float32
         act = _empty((M, I), torch.float32, dev)
         y = _empty((M, H), torch.float32, dev)  # expert outputs without bias, by pair (fp32: the K terms can cancel)
         if config is None and not interp:
@@ -578,8 +590,9 @@ def moe_triton(
         k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, y, M, H=H, I=I, MP=MP, **c2)
         out = torch.empty_like(x)
         BLOCK = 1024
-        _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, ids, rwp, mlp2_bias, out, H=H, K_ROUTE=K, BLOCK=BLOCK,
-                                                    num_warps=4)
+        res = out if residual is None else residual.contiguous()
+        _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, ids, rwp, mlp2_bias, res, out, H=H, K_ROUTE=K,
+                                                    RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=4)
         return out
 
     if path != "gemm":
@@ -609,7 +622,8 @@ def moe_triton(
     k2[lambda m: (triton.cdiv(H, m["BN"]), n_tiles(m["BM"]))](
         act, order, rw, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
         H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
-    return y.view(N, K, H).sum(1).to(x.dtype)
+    out = y.view(N, K, H).sum(1).to(x.dtype)
+    return out if residual is None else residual + out
 
 
 def moe_triton_from_stores(x, weights, expert_ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_limit,
