@@ -43,6 +43,18 @@ class RMSNorm(nn.Module):
         return (t * self.scale).to(x.dtype)
 
 
+def linear(layer: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+    """layer(norm(x)), or layer(x) without a norm. A few tokens on the GPU take the Triton GEMV, which reads the
+    weight once in one launch and applies the norm itself."""
+    if use_triton(x):
+        from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv
+
+        if x.shape[0] <= GEMV_MAX_TOKENS:
+            return gemv(x, layer.weight, layer.bias, norm_scale=None if norm is None else norm.scale,
+                        eps=RMS_NORM_EPS)
+    return layer(x if norm is None else norm(x))
+
+
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
     """YaRN: per-frequency blend of interpolated (1/(factor*freq)) and original (1/freq) inverse frequencies,
     and the concentration that scales cos and sin. The ramp bounds are NOT rounded."""
@@ -104,7 +116,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x, positions, cos, sin, cache=None):
         """x (N, H) -> the attention's update (N, H); the residual add is the MLP block's (see MLPBlock)."""
         n = x.shape[0]
-        qkv = self.qkv(self.norm(x))  # (N, q_dim + 2 kv_dim): rows q | k | v
+        qkv = linear(self.qkv, x, self.norm)  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
         if use_triton(qkv):  # one kernel rotates q and k, and in a GPU decode step also stores k and v
@@ -122,7 +134,7 @@ class AttentionBlock(nn.Module):
             o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
         else:  # the cache stores k/v and runs attention over everything the queries may see
             o = cache.attend(self.layer_idx, q, k, v, positions, self.window, self.sinks, self.sm_scale)  # (N, Hq, D)
-        return self.out(o.reshape(n, q_dim))
+        return linear(self.out, o.reshape(n, q_dim))
 
 
 class MLPBlock(nn.Module):
@@ -156,7 +168,7 @@ class MLPBlock(nn.Module):
                        self.swiglu_limit)
 
     def _forward_gpu(self, x, update):
-        """The same with packed experts on the GPU in five launches: residual add + norm, the gate GEMV, top-K +
+        """The same with packed experts on the GPU in a few launches: residual add + norm, the gate GEMV, top-K +
         softmax, and the MoE kernels, whose last one adds h."""
         from gptoss.kernels.moe_triton import DECODE_MAX_TOKENS, moe_triton_from_stores
         from gptoss.kernels.norm_triton import add_rms_norm
@@ -164,7 +176,7 @@ class MLPBlock(nn.Module):
 
         gemv = x.shape[0] <= DECODE_MAX_TOKENS  # the MoE GEMV kernels read float32 activations
         h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS, with_float32=gemv)
-        weights, expert_ids = route_triton(self.gate(t), self.experts_per_token)
+        weights, expert_ids = route_triton(linear(self.gate, t), self.experts_per_token)
         return moe_triton_from_stores(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight,
                                       self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
 

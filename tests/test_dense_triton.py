@@ -1,4 +1,5 @@
-"""Triton RMSNorm (alone and fused with the residual add) and MoE routing against the pure path.
+"""The small Triton kernels of a decode step against the pure path: RMSNorm (alone and fused with the residual add),
+MoE routing (top-K + softmax) and the GEMV of the dense projections (with and without the fused RMSNorm).
 
 Runs on a CUDA GPU with Triton; without one (CI) the module is skipped. GPTOSS_TRITON_INTERPRET_TESTS=1 runs
 them on CPU through Triton's interpreter.
@@ -17,6 +18,9 @@ triton = pytest.importorskip("triton")
 if not INTERPRET and not torch.cuda.is_available():
     pytest.skip("needs a CUDA GPU (or GPTOSS_TRITON_INTERPRET_TESTS=1)", allow_module_level=True)
 
+import torch.nn.functional as F  # noqa: E402
+
+from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv  # noqa: E402
 from gptoss.kernels.moe import route  # noqa: E402
 from gptoss.kernels.norm_triton import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
 from gptoss.kernels.route_triton import route_triton  # noqa: E402
@@ -64,8 +68,13 @@ def test_route(n, experts, k, dtype):
     weights, ids = route_triton(logits, k)
     ref_weights, ref_ids = route(logits, k)  # sorted: descending logits, as the kernel gives them
     assert ids.dtype == torch.int32 and weights.dtype == dtype
-    # random float logits have no ties among a row's top K + 1, so the ids must agree exactly
-    assert torch.equal(ids.long(), ref_ids)
+    # the same top-K logits in the same order (bf16 logits do tie, and torch.topk breaks ties its own way) ...
+    assert torch.equal(logits.gather(1, ids.long()), logits.gather(1, ref_ids))
+    assert (ids.sort(1).values.diff(dim=1) > 0).all()  # ... from K distinct experts
+    # ... and the same ids wherever the top K + 1 logits of a row are distinct
+    top = logits.float().topk(min(k + 1, experts), dim=1).values
+    untied = (top.diff(dim=1) != 0).all(1)
+    assert untied.any() and torch.equal(ids.long()[untied], ref_ids[untied])
     torch.testing.assert_close(weights, ref_weights, rtol=2**-7, atol=1e-6)
 
 
@@ -74,3 +83,33 @@ def test_route_ties_take_the_lowest_id():
     weights, ids = route_triton(logits, 2)
     assert ids.tolist() == [[1, 2]]
     torch.testing.assert_close(weights, torch.tensor([[0.5, 0.5]], device=DEVICE))
+
+
+GEMV_SHAPES = [(40, 96), (7, 64)] if INTERPRET else [(5120, 2880), (2880, 4096), (32, 2880), (201, 100)]
+GEMV_CONFIGS = [{"BLOCK_R": 8, "BLOCK_K": 32}, {"BLOCK_R": 16, "BLOCK_K": 64}] if INTERPRET else [None]
+
+
+@pytest.mark.parametrize("config", GEMV_CONFIGS)
+@pytest.mark.parametrize("r, k", GEMV_SHAPES)
+@pytest.mark.parametrize("n", sorted({1, 3, GEMV_MAX_TOKENS}))
+def test_gemv(n, r, k, config):
+    torch.manual_seed(n * r + k)
+    x = torch.randn(n, k, device=DEVICE, dtype=torch.bfloat16)
+    w = torch.randn(r, k, device=DEVICE, dtype=torch.bfloat16) / k**0.5
+    b = torch.randn(r, device=DEVICE, dtype=torch.bfloat16)
+    out = gemv(x, w, b, config=config)
+    assert out.dtype == x.dtype and out.shape == (n, r)
+    exact = F.linear(x.float(), w.float(), b.float())
+    assert within_one_ulp(out, exact.to(torch.bfloat16))  # one rounding of a float32 sum: at most 1 ulp apart
+
+    scale = torch.rand(k, device=DEVICE) + 0.5
+    out = gemv(x, w, norm_scale=scale, eps=EPS, config=config)
+    exact = F.linear(rms_norm_reference(x, scale, EPS).float(), w.float())
+    # the interpreter's fp32 -> bf16 cast truncates the normed input: a bias the GPU's rounding does not have
+    assert ((out.float() - exact).norm() / exact.norm()).item() <= (1e-2 if INTERPRET else 4e-3)
+
+
+def test_gemv_rejects_too_many_tokens():
+    x = torch.zeros(GEMV_MAX_TOKENS + 1, 64, device=DEVICE, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="at most"):
+        gemv(x, torch.zeros(8, 64, device=DEVICE, dtype=torch.bfloat16))
