@@ -178,9 +178,9 @@ def _check_inputs(x, expert_ids, b1, s1, b2, s2):
 # ----------------------------------------------------------------------------------------------------------------
 @triton.jit
 def _tc_load(w_ptr, s_ptr, a_ptr, rows, rmask, arow, amask, k0, KDIM: tl.constexpr, BK: tl.constexpr):
-    """Step k0: weight words (R, BK/8) int32 (row-contiguous), scales (R, BK/32) uint8, activations (BT, BK) in the
-    permuted K order the decode produces (word-local index f holds input (f >> 1) + 4 * (f & 1)). Masked past
-    KDIM, so a prefetch beyond the end touches no memory."""
+    """Step k0: weight words (R, BK/8) int32 (row-contiguous), scales (R, BK/32) uint8, activations (BT, BK) of the
+    operand dtype, stored in memory in the permuted K order the decode produces (see _perm_col), so they load as
+    contiguous vectors. Masked past KDIM, so a prefetch beyond the end touches no memory."""
     KW: tl.constexpr = KDIM // 8
     G: tl.constexpr = KDIM // 32
     NG: tl.constexpr = BK // 32
@@ -188,16 +188,78 @@ def _tc_load(w_ptr, s_ptr, a_ptr, rows, rmask, arow, amask, k0, KDIM: tl.constex
     wd = tl.load(w_ptr + rows[:, None] * KW + wi[None, :], mask=rmask[:, None] & (wi < KW)[None, :], other=0)
     g = k0 // 32 + tl.arange(0, NG)
     s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=rmask[:, None] & (g < G)[None, :], other=0)
-    f = tl.arange(0, BK)
-    kk = k0 + (f & -8) + ((f >> 1) & 3) + ((f & 1) << 2)
+    kk = k0 + tl.arange(0, BK)
     a = tl.load(a_ptr + arow[:, None] + kk[None, :], mask=amask[:, None] & (kk < KDIM)[None, :], other=0.0)
     return wd, s, a
 
 
 @triton.jit
-def _tc_codes(wd):
-    """(R, W) int32 words -> (R, W/4, 32) fp16 codes * 2^-14 in the permuted order o0 o4 o1 o5 o2 o6 o3 o7 per word
-    (join nesting: the innermost axis picks the outermost join argument)."""
+def _perm_col(u):
+    """Position of input u in the permuted K order: within each 8-input word, inputs 0 4 1 5 2 6 3 7 (the order in
+    which _tc_codes lays out the fp16 pairs of _pair16h), i.e. position 2 * (u % 4) + (u % 8) // 4."""
+    return (u & -8) + ((u & 3) << 1) + ((u >> 2) & 1)
+
+
+@triton.jit
+def _tc_prep_kernel(x_ptr, xp_ptr, H: tl.constexpr, BH: tl.constexpr, X_MUL: tl.constexpr):
+    """xp[n, _perm_col(u)] = x[n, u] * X_MUL in xp's dtype (fp16 or bf16): the dot operand of mlp1, permuted."""
+    n = tl.program_id(0)
+    u = tl.program_id(1) * BH + tl.arange(0, BH)
+    um = u < H
+    x = tl.load(x_ptr + n * H + u, mask=um, other=0.0).to(tl.float32) * X_MUL
+    tl.store(xp_ptr + n * H + _perm_col(u), x.to(xp_ptr.dtype.element_ty), mask=um)
+
+
+@triton.jit
+def _tc_join(o0, o1, o2, o3, o4, o5, o6, o7):
+    """8 (R, W) fp16 tensors (inputs 8q+K of word q) -> (R, W/4, 32) in the permuted order o0 o4 o1 o5 o2 o6 o3 o7
+    per word (join nesting: the innermost axis picks the outermost join argument)."""
+    R: tl.constexpr = o0.shape[0]
+    W: tl.constexpr = o0.shape[1]
+    z = tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)), tl.join(tl.join(o4, o6), tl.join(o5, o7)))
+    return tl.reshape(z, (R, W // 4, 32))
+
+
+@triton.jit
+def _mul_f16x2(v, m2, ASM: tl.constexpr):
+    """(fp16 pair in uint32 v) * (fp16 pair in uint32 m2) -> (lo, hi) fp16. ASM: one mul.rn.f16x2 (HMUL2); else
+    two fp16 multiplies (the CPU interpreter cannot run inline PTX)."""
+    if ASM:
+        p = tl.inline_asm_elementwise("mul.rn.f16x2 $0, $1, $2;", "=r,r,r", [v, m2], dtype=tl.uint32,
+                                      is_pure=True, pack=1)
+        return p.to(tl.uint16).to(tl.float16, bitcast=True), (p >> 16).to(tl.uint16).to(tl.float16, bitcast=True)
+    else:
+        m = m2.to(tl.uint16).to(tl.float16, bitcast=True)
+        lo = v.to(tl.uint16).to(tl.float16, bitcast=True) * m
+        hi = (v >> 16).to(tl.uint16).to(tl.float16, bitcast=True) * m
+        return lo, hi
+
+
+@triton.jit
+def _tc_weights_f16(wd, s32, ASM: tl.constexpr):
+    """(R, W) int32 words, (R, W/4) int32 block scales -> fp16 weights (R, 8W) (permuted K order) equal to
+    code * 2^(s - sref + 1) (<= 12), and sref (R,) = the row's largest block scale in this step.
+    Decode: two codes per 32-bit op (code * 2^-14, see _pair16h); the multiplier 2^(s - sref + 15) (fp16 exponent
+    field s - sref + 30; 0 for a block < 2^-30 of the row's max, which is flushed) is applied to both halves."""
+    R: tl.constexpr = wd.shape[0]
+    W: tl.constexpr = wd.shape[1]
+    NG: tl.constexpr = W // 4
+    sref = tl.max(s32, axis=1)
+    mexp = tl.minimum(tl.maximum(s32 - sref[:, None] + 30, 0), 30)
+    mb = (mexp << 10).to(tl.uint32)
+    mb = tl.reshape(tl.broadcast_to((mb | (mb << 16))[:, :, None], (R, NG, 4)), (R, W))  # per word, both halves
+    wu = wd.to(tl.uint32, bitcast=True)
+    o0, o4 = _mul_f16x2(((wu << 9) & 0x0E000E00) | ((wu << 12) & 0x80008000), mb, ASM)
+    o1, o5 = _mul_f16x2(((wu << 5) & 0x0E000E00) | ((wu << 8) & 0x80008000), mb, ASM)
+    o2, o6 = _mul_f16x2(((wu << 1) & 0x0E000E00) | ((wu << 4) & 0x80008000), mb, ASM)
+    o3, o7 = _mul_f16x2(((wu >> 3) & 0x0E000E00) | (wu & 0x80008000), mb, ASM)
+    return tl.reshape(_tc_join(o0, o1, o2, o3, o4, o5, o6, o7), (R, W * 8)), sref
+
+
+@triton.jit
+def _tc_weights_bf16(wd, s32):
+    """(R, W) int32 words, (R, W/4) block scales -> exact bf16 weights (R, 8W) (permuted K order): fp16 pair decode,
+    fp32 convert, times 2^(s - 127) * 2^14, bf16."""
     R: tl.constexpr = wd.shape[0]
     W: tl.constexpr = wd.shape[1]
     wu = wd.to(tl.uint32, bitcast=True)
@@ -205,47 +267,37 @@ def _tc_codes(wd):
     o1, o5 = _pair16h(wu, 1)
     o2, o6 = _pair16h(wu, 2)
     o3, o7 = _pair16h(wu, 3)
-    z = tl.join(tl.join(tl.join(o0, o2), tl.join(o1, o3)), tl.join(tl.join(o4, o6), tl.join(o5, o7)))
-    return tl.reshape(z, (R, W // 4, 32))
+    z = _tc_join(o0, o1, o2, o3, o4, o5, o6, o7)  # (R, NG, 32)
+    sc = ((s32 + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
+    return tl.reshape(z.to(tl.float32) * sc[:, :, None], (R, W * 8)).to(tl.bfloat16)
 
 
 @triton.jit
-def _tc_step(acc, wd, s, a, F16: tl.constexpr, CONVERT_A: tl.constexpr, X_SHIFT: tl.constexpr,
-             X_MUL: tl.constexpr, DOT_F32: tl.constexpr):
-    R: tl.constexpr = wd.shape[0]
-    BK: tl.constexpr = wd.shape[1] * 8
-    z = _tc_codes(wd)  # (R, NG, 32) fp16, codes * 2^-14
+def _tc_step(acc, wd, s, a, F16: tl.constexpr, X_SHIFT: tl.constexpr, DOT_F32: tl.constexpr):
     s32 = s.to(tl.int32)
     if F16:
-        # weight = code * 2^(s - sref + 1) (<= 12): multiplier 2^(s - sref + 15), fp16 exponent field s - sref + 30
-        sref = tl.max(s32, axis=1)  # (R,) largest block scale of the row in this step
-        mexp = tl.minimum(tl.maximum(s32 - sref[:, None] + 30, 0), 30)  # 0: block < 2^-30 of the max: flushed
-        m = (mexp << 10).to(tl.int16).to(tl.float16, bitcast=True)
-        w = tl.reshape(z * m[:, :, None], (R, BK))
-        # the rest, 2^(sref - 128 + X_SHIFT), as an fp32 (exponent field sref - 1 + X_SHIFT) on the step's product
-        fe = tl.minimum(tl.maximum(sref - 1 + X_SHIFT, 0), 254)
-        fr = (fe << 23).to(tl.float32, bitcast=True)
-        if CONVERT_A:
-            a = (a.to(tl.float32) * X_MUL).to(tl.float16)
+        w, sref = _tc_weights_f16(wd, s32, not DOT_F32)
+        # the rest of the scale, 2^(sref - 128 + X_SHIFT), is an fp32 (exponent field sref - 1 + X_SHIFT) applied to
+        # the step's (R, BT) product
+        fr = (tl.minimum(tl.maximum(sref - 1 + X_SHIFT, 0), 254) << 23).to(tl.float32, bitcast=True)
         if DOT_F32:
             d = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), input_precision="ieee")
         else:
             d = tl.dot(w, tl.trans(a))
         acc += d * fr[:, None]
     else:
-        sc = ((s32 + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
-        w = tl.reshape(z.to(tl.float32) * sc[:, :, None], (R, BK))
+        w = _tc_weights_bf16(wd, s32)
         if DOT_F32:
-            acc = tl.dot(w, tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
+            acc = tl.dot(w.to(tl.float32), tl.trans(a.to(tl.float32)), acc, input_precision="ieee")
         else:
-            acc = tl.dot(w.to(tl.bfloat16), tl.trans(a.to(tl.bfloat16)), acc)
+            acc = tl.dot(w, tl.trans(a), acc)
     return acc
 
 
 @triton.jit
 def _tc_rows(w_ptr, s_ptr, rows, rmask, a_ptr, arow, amask, KDIM: tl.constexpr, BK: tl.constexpr,
-             BT: tl.constexpr, F16: tl.constexpr, CONVERT_A: tl.constexpr, X_SHIFT: tl.constexpr,
-             X_MUL: tl.constexpr, PREFETCH: tl.constexpr, DOT_F32: tl.constexpr):
+             BT: tl.constexpr, F16: tl.constexpr, X_SHIFT: tl.constexpr, PREFETCH: tl.constexpr,
+             DOT_F32: tl.constexpr):
     """(R, BT) fp32: W[rows, :] @ a[cols, :]^T over KDIM inputs."""
     R: tl.constexpr = rows.shape[0]
     acc = tl.zeros((R, BT), dtype=tl.float32)
@@ -253,21 +305,20 @@ def _tc_rows(w_ptr, s_ptr, rows, rmask, a_ptr, arow, amask, KDIM: tl.constexpr, 
         wd, s, a = _tc_load(w_ptr, s_ptr, a_ptr, rows, rmask, arow, amask, 0, KDIM, BK)
         for k0 in range(0, KDIM, BK):
             wd_n, s_n, a_n = _tc_load(w_ptr, s_ptr, a_ptr, rows, rmask, arow, amask, k0 + BK, KDIM, BK)
-            acc = _tc_step(acc, wd, s, a, F16, CONVERT_A, X_SHIFT, X_MUL, DOT_F32)
+            acc = _tc_step(acc, wd, s, a, F16, X_SHIFT, DOT_F32)
             wd, s, a = wd_n, s_n, a_n
     else:
         for k0 in range(0, KDIM, BK):
             wd, s, a = _tc_load(w_ptr, s_ptr, a_ptr, rows, rmask, arow, amask, k0, KDIM, BK)
-            acc = _tc_step(acc, wd, s, a, F16, CONVERT_A, X_SHIFT, X_MUL, DOT_F32)
+            acc = _tc_step(acc, wd, s, a, F16, X_SHIFT, DOT_F32)
     return acc
 
 
 @triton.jit(do_not_specialize=["M", "tune_m"])
-def _tc_mlp1_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, b_ptr, act_ptr, M, limit, tune_m,
+def _tc_mlp1_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, b_ptr, act_ptr, M, limit, tune_m,  # x: permuted operand copy
                     H: tl.constexpr, I: tl.constexpr, E: tl.constexpr, K_ROUTE: tl.constexpr, EP: tl.constexpr,
                     BU: tl.constexpr, BK: tl.constexpr, BT: tl.constexpr, PREFETCH: tl.constexpr,
-                    F16: tl.constexpr, X_SHIFT: tl.constexpr, X_MUL: tl.constexpr, DOT_F32: tl.constexpr,
-                    CH: tl.constexpr):
+                    F16: tl.constexpr, X_SHIFT: tl.constexpr, DOT_F32: tl.constexpr, CH: tl.constexpr):
     """act[pair, units] = SwiGLU(W1[e] x[token(pair)] + b1[e]) for rows block j of the t-th distinct expert e."""
     j = tl.program_id(0)
     e = _slot_expert(ids_ptr, tl.program_id(1), M, EP, CH)
@@ -283,13 +334,14 @@ def _tc_mlp1_kernel(x_ptr, ids_ptr, w_ptr, s_ptr, b_ptr, act_ptr, M, limit, tune
     for c0 in range(0, cnt, BT):
         pairs, pm = _expert_pairs(ids_ptr, e, M, c0, BT, CH)
         arow = (pairs // K_ROUTE).to(tl.int64) * H
-        acc = _tc_rows(w_ptr, s_ptr, rows, rmask, x_ptr, arow, pm, H, BK, BT, F16, F16, X_SHIFT, X_MUL, PREFETCH,
+        acc = _tc_rows(w_ptr, s_ptr, rows, rmask, x_ptr, arow, pm, H, BK, BT, F16, X_SHIFT, PREFETCH,
                        DOT_F32)  # (R, BT)
         h = tl.trans(acc) + bias[None, :]  # (BT, R)
         glu, lin = tl.split(tl.reshape(h, (BT, BU, 2)))
         out = _swiglu(glu, lin, limit)
-        tl.store(act_ptr + pairs.to(tl.int64)[:, None] * I + units[None, :], out.to(act_ptr.dtype.element_ty),
-                 mask=pm[:, None] & (units < I)[None, :])
+        # stored in the permuted K order, so mlp2 loads it as contiguous vectors
+        tl.store(act_ptr + pairs.to(tl.int64)[:, None] * I + _perm_col(units)[None, :],
+                 out.to(act_ptr.dtype.element_ty), mask=pm[:, None] & (units < I)[None, :])
 
 
 @triton.jit(do_not_specialize=["M", "tune_m"])
@@ -309,7 +361,7 @@ def _tc_mlp2_kernel(act_ptr, ids_ptr, w_ptr, s_ptr, y_ptr, M, tune_m,
     for c0 in range(0, cnt, BT):
         pairs, pm = _expert_pairs(ids_ptr, e, M, c0, BT, CH)
         arow = pairs.to(tl.int64) * I
-        acc = _tc_rows(w_ptr, s_ptr, rows, hmask, act_ptr, arow, pm, I, BK, BT, F16, False, 0, 1.0, PREFETCH,
+        acc = _tc_rows(w_ptr, s_ptr, rows, hmask, act_ptr, arow, pm, I, BK, BT, F16, 0, PREFETCH,
                        DOT_F32)  # (BH, BT)
         tl.store(y_ptr + pairs.to(tl.int64)[None, :] * H + hs[:, None], acc, mask=hmask[:, None] & pm[None, :])
 
@@ -359,7 +411,9 @@ def moe_tc(x, weights, expert_ids, b1, s1, bias1, b2, s2, bias2, swiglu_limit, *
     EP = _next_pow2(E)
     tune_m = _next_pow2(M)
     common = dict(E=E, EP=EP, F16=f16, DOT_F32=INTERP, CH=CH)
-    x_shift = 6
+    x_shift = 6 if f16 else 0
+    xp = torch.empty((N, H), dtype=act.dtype, device=dev)
+    _tc_prep_kernel[(N, triton.cdiv(H, 1024))](x, xp, H=H, BH=1024, X_MUL=2.0 ** -x_shift, num_warps=4)
     if config is None and not INTERP:
         k1, k2 = _tuned("tc1"), _tuned("tc2")
         c1 = c2 = {}
@@ -370,8 +424,8 @@ def moe_tc(x, weights, expert_ids, b1, s1, bias1, b2, s2, bias2, swiglu_limit, *
         base = {k: c[k] for k in ("BK", "BT", "PREFETCH", "num_warps", "num_stages")}
         c1, c2 = dict(base, BU=c["BU"]), dict(base, BH=c["BH"])
     k1[lambda m: (triton.cdiv(I, m["BU"]), slots)](
-        x, ids, b1.view(torch.int32), s1, bias1, act, M, float(swiglu_limit), tune_m,
-        H=H, I=I, K_ROUTE=K, X_SHIFT=x_shift, X_MUL=2.0 ** -x_shift, **common, **c1)
+        xp, ids, b1.view(torch.int32), s1, bias1, act, M, float(swiglu_limit), tune_m,
+        H=H, I=I, K_ROUTE=K, X_SHIFT=x_shift, **common, **c1)
     k2[lambda m: (triton.cdiv(H, m["BH"]), slots)](
         act, ids, b2.view(torch.int32), s2, y, M, tune_m, H=H, I=I, **common, **c2)
     return _combine(y, ids, rw, bias2, torch.empty_like(x), N, H, K)

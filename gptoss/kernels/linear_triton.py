@@ -47,8 +47,8 @@ def _gemv_kernel(
     w, x = _load_tile(W, X, rows, rmask, 0, K, BLOCK_K, NP, n_tok, stride_x)
     if NORM:  # per-token 1 / rms over the whole input row, loaded at once (one latency, not one per step)
         KP: tl.constexpr = triton.next_power_of_2(K)
-        ks = tl.arange(0, KP)
-        xs = tl.load(X + t[:, None] * stride_x + ks[None, :], mask=(t < n_tok)[:, None] & (ks < K)[None, :],
+        cols = tl.arange(0, KP)
+        xs = tl.load(X + t[:, None] * stride_x + cols[None, :], mask=(t < n_tok)[:, None] & (cols < K)[None, :],
                      other=0.0).to(tl.float32)
         inv = 1.0 / tl.sqrt_rn(tl.sum(xs * xs, 1) / K + eps)
     acc = tl.zeros((NP, BLOCK_R), tl.float32)
