@@ -69,7 +69,8 @@ def _gemv_kernel(
 
 def _configs():
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": k}, num_warps=w, num_stages=1)
-            for r, k, w in [(4, 512, 4), (8, 256, 4), (8, 512, 4), (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
+            for r, k, w in [(2, 512, 2), (2, 1024, 4), (4, 512, 4), (4, 1024, 4), (8, 256, 4), (8, 512, 4),
+                            (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
 
 
 _gemv = triton.autotune(_configs(), key=["R", "K", "NP", "NORM"])(_gemv_kernel)
