@@ -1,5 +1,6 @@
 """Where a batch-1 decode step's time goes on the GPU: graph replay time, and per-kernel CUDA time of one eager
-step against the bytes it must read. Usage: python scripts/profile_decode.py [--preset gpt-oss-20b] [--context 1024]"""
+step against the bytes it must read; then the per-kernel CUDA time of one prefill of the context.
+Usage: python scripts/profile_decode.py [--preset gpt-oss-20b] [--context 1024]"""
 
 import argparse
 
@@ -43,6 +44,20 @@ def main():
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             model(token, positions, generator.cache)
             torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+    with torch.inference_mode():  # prefill of the whole prompt, as TokenGenerator runs it
+        tokens = torch.tensor(prompt, device="cuda")
+        last = torch.tensor([len(prompt) - 1], device="cuda")
+        for _ in range(2):
+            generator.cache.reset()
+            model(tokens, generator.cache.reserve(len(prompt)), generator.cache, logits_rows=last)
+        torch.cuda.synchronize()
+        generator.cache.reset()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            model(tokens, generator.cache.reserve(len(prompt)), generator.cache, logits_rows=last)
+            torch.cuda.synchronize()
+    print(f"prefill of {len(prompt)} tokens:")
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
 
 
