@@ -101,13 +101,16 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
     engine.start()
     try:
         asyncio.run(run_all())  # warm-up: kernel compilation
+        before = engine.stats()
         started = time.perf_counter()
         generated = asyncio.run(run_all())
         elapsed = time.perf_counter() - started
+        after = engine.stats()
     finally:
         engine.stop()
+    steps = {key: after[key] - before[key] for key in after if key.startswith(("prefill_", "decode_"))}
     return {"concurrency": concurrency, "prompt_tokens": prompt_length, "output_tokens": generated,
-            "seconds": elapsed, "output_tokens_per_s": generated / elapsed}
+            "seconds": elapsed, "output_tokens_per_s": generated / elapsed, **steps}
 
 
 def hf_state_dict(model: Transformer):
@@ -192,7 +195,9 @@ def run(args) -> list[BenchResult]:
     if args.serve:
         served = bench_engine(model, args.serve, prompt_length=1024, output_tokens=256)
         print(f"engine: {served['concurrency']} concurrent requests x (1024 prompt + 256 output tokens): "
-              f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s)", flush=True)
+              f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s: "
+              f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.1f} s, "
+              f"{served['decode_steps']} decode steps {served['decode_seconds']:.1f} s)", flush=True)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
     print(format_table(results), flush=True)

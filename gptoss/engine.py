@@ -46,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import itertools
 import threading
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
@@ -156,6 +157,8 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self.num_preemptions = 0
+        # per kind of step: [steps, tokens fed, seconds of forward + sampling] (see stats())
+        self._step_totals = {"prefill": [0, 0, 0.0], "decode": [0, 0, 0.0]}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -184,9 +187,13 @@ class Engine:
     def stats(self) -> dict:
         """running / waiting requests; free_blocks (no user; includes blocks that still hold a reusable prefix);
         total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
-        findable by prefix hash); preemptions (so far)."""
+        findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds and the
+        same for decode steps (cumulative; seconds of forward + sampling, the step's device work included)."""
         with self._cv:
+            totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
+                      for name, value in zip(("steps", "tokens", "seconds"), values)}
             return {
+                **totals,
                 "running": len(self._running),
                 "waiting": len(self._waiting),
                 "free_blocks": self.blocks.num_free,
@@ -414,6 +421,7 @@ class Engine:
                         self._fail(req, err)
 
     def _step(self, batch: list[_Request]) -> None:
+        started = time.perf_counter()
         try:
             with torch.inference_mode():
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
@@ -430,6 +438,10 @@ class Engine:
                     self._fail(req, err)
             return
         with self._cv:
+            totals = self._step_totals["decode" if len(tokens) == len(batch) else "prefill"]
+            totals[0] += 1
+            totals[1] += len(tokens)
+            totals[2] += time.perf_counter() - started  # outputs came through .tolist(): the device is done
             for req, out in zip(batch, outputs):
                 if req.state != "running":
                     continue
@@ -471,16 +483,14 @@ class Engine:
             p = req.params
             if p.temperature <= 0:
                 greedy.append(i)
-            elif req.generator is not None:
-                chosen[i] = sample(logits[i : i + 1], p.temperature, p.top_k, p.top_p, req.generator)[0]
-            else:
+            else:  # one batched call per distinct setting; seeded rows draw from their own generators
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         if greedy:
             idx = torch.tensor(greedy, device=logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for (temperature, top_k, top_p), rows in groups.items():
             idx = torch.tensor(rows, device=logits.device)
-            chosen[idx] = sample(logits[idx], temperature, top_k, top_p)
+            chosen[idx] = sample(logits[idx], temperature, top_k, top_p, [batch[i].generator for i in rows])
         tokens = chosen.tolist()
         outputs = [TokenOutput(token=t) for t in tokens]
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]

@@ -233,7 +233,7 @@ class Transformer(nn.Module):
             x = block(x, positions, cos, sin, cache)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.unembedding(self.norm(x))
+        return linear(self.unembedding, x, self.norm)
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Transformer":

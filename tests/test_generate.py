@@ -79,3 +79,17 @@ def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
     counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)), minlength=3)
     assert torch.allclose(counts / 20000, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
+
+
+def test_per_row_generators_draw_what_each_row_draws_alone():
+    """A batch with one generator per row (the engine's seeded requests) samples each row as a call on that row
+    alone with its generator would; None rows use the default generator."""
+    logits = torch.randn(3, 50)
+    batched_gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    alone_gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
+    for _ in range(20):
+        batched = sample(logits, 1.3, top_k=20, generator=batched_gens)
+        alone = [sample(logits[i : i + 1], 1.3, top_k=20, generator=alone_gens[i])[0] for i in range(3)]
+        assert batched.tolist() == [t.item() for t in alone]
+    mixed = sample(logits, 1.3, generator=[None, torch.Generator().manual_seed(10), None])
+    assert mixed.shape == (3,)

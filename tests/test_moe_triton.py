@@ -64,7 +64,12 @@ def rel_err(out, ref):
     return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
 
 
-def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=1e-2, denorm=None):
+# The interpreter's float -> bf16 casts truncate instead of rounding: the expert outputs and the result are each
+# biased by up to one ulp, so it gets twice the GPU's tolerance.
+TOL = 2e-2 if INTERPRET else 1e-2
+
+
+def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=TOL, denorm=None):
     mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed)
     x, w, ids = make_tokens(N, E, H, K, device, seed=seed + 100)
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
@@ -88,7 +93,7 @@ def check_residual(N, device, path, config=None):
     ref = residual + moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
     out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path=path,
                      config=config, residual=residual, x_float32=x.float() if path == "gemv" else None)
-    assert rel_err(out, ref) <= 1e-2
+    assert rel_err(out, ref) <= TOL
 
 
 # ---------------------------------------------------------------------------------------------------------------

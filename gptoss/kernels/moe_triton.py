@@ -12,20 +12,19 @@ mlp1's rows interleave SwiGLU: row 2j is gate unit j, row 2j+1 its linear part.
 
 Pipeline:
   kernel A: act[m] = SwiGLU(x[token(m)] @ W1[e(m)]^T + b1[e(m)])    act (M, I): fp32 (GEMV), x's dtype (GEMM)
-  kernel B: y[pair(m)] = w(m) * (act[m] @ W2[e(m)]^T + b2[e(m)])    y (M, H) fp32, by pair (token * K + k)
-  out = y.view(N, K, H).sum(1)          the "tiny reduction": no atomics, so the result is deterministic
-  (GEMV: B leaves out w(m) and b2, which the combine kernel applies while it sums and casts)
-Weights are read as packed bytes (or int32 words) and decoded in registers from their bits (no lookup table);
-products and sums are fp32.
+  kernel B: y[pair(m)] = act[m] @ W2[e(m)]^T + b2[e(m)]              y (M, H) in x's dtype, by pair (token * K + k)
+  combine:  out[n] = sum_k w(n, k) * y[n * K + k] (+ residual[n])   float32 sum in a fixed order: deterministic
+Rounding follows the pure path: each expert's output is rounded to x's dtype (as its F.linear returns it), the
+weighted sum is float32, rounded once, then the residual is added. Weights are read as packed bytes (or int32
+words) and decoded in registers from their bits (no lookup table); products and sums are fp32.
 
 Two kernel families:
-  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 4 launches (x to fp32, A, B, combine), no sort.
+  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
+    model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
     HBM once. Row-contiguous word tiles (coalesced), two FP4 codes -> an fp16 pair with ~5 integer ops
-    (_fp4_pair16), the next step's loads issued before the current step's decode. B writes the bias-free
-    expert outputs; the combine kernel adds bias, routing weight and the K experts of a token in a fixed order
-    and casts. Measured on H100 (N=1, 20b shapes, 52.9 MB of experts): A + B 35 us of kernels, ~1.5 TB/s.
+    (_fp4_pair16), the next step's loads issued before the current step's decode. Measured on H100 (N=1, 20b shapes, 52.9 MB of experts): A + B 35 us of kernels, ~1.5 TB/s.
     A split-K form (one K chunk per program, partials reduced by the last program) was slower: 44 us of A + B
     at N=1 and 1.3-1.4x slower at N=4 / 8.
   * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
@@ -232,7 +231,8 @@ if HAS_TRITON:
         ids_ptr,  # (M,) expert id of each pair
         w_ptr,  # (E, H, I/32, 4) int32 view of the packed blocks
         s_ptr,  # (E, H, I/32) uint8
-        y_ptr,  # (M, H) out: expert output without bias, by pair
+        b_ptr,  # (E, H)
+        y_ptr,  # (M, H) out: expert output (with its bias), by pair
         M,
         H: tl.constexpr,
         I: tl.constexpr,
@@ -248,26 +248,25 @@ if HAS_TRITON:
         hs = j * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) output features
         hmask = hs < H
         rows = e.to(tl.int64) * H + hs
+        bias = tl.load(b_ptr + rows, mask=hmask, other=0.0).to(tl.float32)
         for p in range(i, M):
             if tl.load(ids_ptr + p) == e:
-                y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K)
+                y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K) + bias
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
 
     @triton.jit
-    def _combine_kernel(y_ptr, ids_ptr, rw_ptr, b_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
+    def _combine_kernel(y_ptr, rw_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
                         RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
-        """out[n] = sum_k w(n, k) * (y[pair] + b2[e(pair)]), pair = n * K + k, in a fixed order, cast to out's
-        dtype (one launch instead of torch's sum + cast). RESIDUAL: out[n] = res[n] + that sum, rounded as the
-        pure path rounds (the sum to out's dtype first, then the add)."""
-        n = tl.program_id(0)
+        """out[n] = sum_k w(n, k) * y[pair], pair = n * K + k, summed in float32 in a fixed order and cast to
+        out's dtype (one launch instead of torch's sum + cast; no atomics, so deterministic). RESIDUAL:
+        out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add)."""
+        n = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         hm = hs < H
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K_ROUTE):
             p = n * K_ROUTE + k
-            e = tl.load(ids_ptr + p).to(tl.int64)
-            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0) + tl.load(b_ptr + e * H + hs, mask=hm,
-                                                                        other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0).to(tl.float32)
             acc += tl.load(rw_ptr + p).to(tl.float32) * y
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
@@ -388,7 +387,6 @@ if HAS_TRITON:
     def _mlp2_dot_kernel(
         act_ptr,  # (M, I) sorted rows
         order_ptr,  # (M,) int32
-        rw_ptr,  # (M,) float32, original pair order
         seg_ptr,  # (E,) int32
         E,
         w_ptr,  # (E, H, I/32, 16) uint8
@@ -441,8 +439,6 @@ if HAS_TRITON:
             acc = tl.trans(acc)  # (BM, BN)
 
         y = acc + tl.load(b_ptr + wrows, mask=hmask, other=0.0).to(tl.float32)[None, :]
-        rw = tl.load(rw_ptr + pair, mask=rmask, other=0.0)
-        y = y * rw[:, None]
         tl.store(y_ptr + pair[:, None] * H + hs[None, :], y.to(y_ptr.dtype.element_ty),
                  mask=rmask[:, None] & hmask[None, :])
 
@@ -568,7 +564,6 @@ def moe_triton(
     if path == "gemv":
         # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
         ids = expert_ids.reshape(-1).contiguous()
-        rwp = weights.reshape(-1).contiguous()
         MP = _next_pow2(M)
         w1 = mlp1_blocks.view(torch.int32)  # (E, 2I, H/32, 4) words
         w2 = mlp2_blocks.view(torch.int32)
@@ -576,7 +571,7 @@ def moe_triton(
         # bf16 -> fp32 conversion in the kernel would cost ~1.5 instructions per weight element
         xf = x.float() if x_float32 is None else x_float32
         act = _empty((M, I), torch.float32, dev)
-        y = _empty((M, H), torch.float32, dev)  # expert outputs without bias, by pair (fp32: the K terms can cancel)
+        y = _empty((M, H), x.dtype, dev)  # expert outputs by pair, rounded as the pure path's F.linear rounds them
         if config is None and not interp:
             k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
             c1 = c2 = {}
@@ -587,13 +582,9 @@ def moe_triton(
             c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
             xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, **c1)
-        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, y, M, H=H, I=I, MP=MP, **c2)
-        out = torch.empty_like(x)
-        BLOCK = 1024
-        res = out if residual is None else residual.contiguous()
-        _combine_kernel[(N, triton.cdiv(H, BLOCK))](y, ids, rwp, mlp2_bias, res, out, H=H, K_ROUTE=K,
-                                                    RESIDUAL=residual is not None, BLOCK=BLOCK, num_warps=4)
-        return out
+        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I,
+                                                         MP=MP, **c2)
+        return _combine(y, weights, residual, x.dtype)
 
     if path != "gemm":
         raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
@@ -604,9 +595,8 @@ def moe_triton(
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
     counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int32))  # bincount would sync
     seg_end = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end sorted row of each expert
-    rw = weights.reshape(-1).to(torch.float32).contiguous()  # (M,) routing weight per pair
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
-    y = _empty((M, H), torch.float32, dev)  # weighted expert outputs, pair order
+    y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order
     EP = _next_pow2(E)
     tune_m = max(64, _next_pow2(M))
     n_tiles = lambda bm: _cdiv(M, bm) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
@@ -620,10 +610,21 @@ def moe_triton(
         x, order, seg_end, E, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit, tune_m,
         H=H, I=I, K_ROUTE=K, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
     k2[lambda m: (triton.cdiv(H, m["BN"]), n_tiles(m["BM"]))](
-        act, order, rw, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
+        act, order, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
         H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
-    out = y.view(N, K, H).sum(1).to(x.dtype)
-    return out if residual is None else residual + out
+    return _combine(y, weights, residual, x.dtype)
+
+
+def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None, dtype) -> torch.Tensor:
+    """y (N * K, H) expert outputs by pair, weights (N, K) -> (N, H): the routing-weighted sum (+ residual)."""
+    n, k = weights.shape
+    h = y.shape[1]
+    out = torch.empty((n, h), device=y.device, dtype=dtype)
+    block = 1024
+    res = out if residual is None else residual.contiguous()
+    _combine_kernel[(n, triton.cdiv(h, block))](y, weights.reshape(-1).contiguous(), res, out, H=h, K_ROUTE=k,
+                                                RESIDUAL=residual is not None, BLOCK=block, num_warps=4)
+    return out
 
 
 def moe_triton_from_stores(x, weights, expert_ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_limit,
