@@ -92,23 +92,24 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
 
     async def one(i: int) -> int:
         prompt = _prompt(prompt_length, model.config.vocab_size)
-        prompt[0] = i  # distinct prompts: no prefix sharing between requests
+        prompt[0] = i  # distinct first tokens: no prefix shared between requests, nor with the warm-up's
         return sum([1 async for _ in engine.generate(prompt, params)])
 
-    async def run_all() -> int:
-        return sum(await asyncio.gather(*(one(i) for i in range(concurrency))))
+    async def run_all(first: int) -> int:
+        return sum(await asyncio.gather(*(one(first + i) for i in range(concurrency))))
 
     engine.start()
     try:
-        asyncio.run(run_all())  # warm-up: kernel compilation
+        asyncio.run(run_all(concurrency))  # warm-up with the same shapes: kernel compilation and autotuning
         before = engine.stats()
         started = time.perf_counter()
-        generated = asyncio.run(run_all())
+        generated = asyncio.run(run_all(0))
         elapsed = time.perf_counter() - started
         after = engine.stats()
     finally:
         engine.stop()
-    steps = {key: after[key] - before[key] for key in after if key.startswith(("prefill_", "decode_"))}
+    steps = {key: after[key] - before[key] for key in after
+             if key.startswith(("prefill_", "decode_")) or key == "cached_prefix_blocks"}
     return {"concurrency": concurrency, "prompt_tokens": prompt_length, "output_tokens": generated,
             "seconds": elapsed, "output_tokens_per_s": generated / elapsed, **steps}
 
@@ -197,7 +198,8 @@ def run(args) -> list[BenchResult]:
         print(f"engine: {served['concurrency']} concurrent requests x (1024 prompt + 256 output tokens): "
               f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s: "
               f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.1f} s, "
-              f"{served['decode_steps']} decode steps {served['decode_seconds']:.1f} s)", flush=True)
+              f"{served['decode_steps']} decode steps {served['decode_seconds']:.1f} s; "
+              f"prefix-cache hits: {served['cached_prefix_blocks']} blocks)", flush=True)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
     print(format_table(results), flush=True)
