@@ -37,10 +37,11 @@ def _interpreting() -> bool:
 def _dot(a, b, acc, F32: tl.constexpr):
     # F32: the CPU interpreter (TRITON_INTERPRET=1) mis-multiplies bf16 operands, so it gets float32 operands
     # (same values: bf16 -> fp32 is exact); on the GPU the operands stay 16-bit for the tensor cores.
+    # "ieee": float32 operands (a float32 model) multiply exactly rather than rounded to TF32.
     if F32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc)
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
     else:
-        return tl.dot(a, b, acc)
+        return tl.dot(a, b, acc, input_precision="ieee")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -369,10 +369,11 @@ if HAS_TRITON:
             if DOT_F32:
                 xt = xt.to(tl.float32)
             w = _dequant_tile(w_ptr, s_ptr, wrows, wmask, k0, H, BK, DENORM).to(xt.dtype)  # (2BN, BK)
+            # "ieee": float32 operands (a float32 model) multiply exactly, not rounded to TF32 (no effect on bf16)
             if SWAP:
-                acc = tl.dot(w, tl.trans(xt), acc)
+                acc = tl.dot(w, tl.trans(xt), acc, input_precision="ieee")
             else:
-                acc = tl.dot(xt, tl.trans(w), acc)
+                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         if SWAP:
             acc = tl.trans(acc)  # (BM, 2BN)
 
@@ -432,9 +433,9 @@ if HAS_TRITON:
                 at = at.to(tl.float32)
             w = _dequant_tile(w_ptr, s_ptr, wrows, hmask, k0, I, BK, DENORM).to(at.dtype)  # (BN, BK)
             if SWAP:
-                acc = tl.dot(w, tl.trans(at), acc)
+                acc = tl.dot(w, tl.trans(at), acc, input_precision="ieee")
             else:
-                acc = tl.dot(at, tl.trans(w), acc)
+                acc = tl.dot(at, tl.trans(w), acc, input_precision="ieee")
         if SWAP:
             acc = tl.trans(acc)  # (BM, BN)
 
