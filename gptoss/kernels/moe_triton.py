@@ -451,7 +451,7 @@ if HAS_TRITON:
     def _gemv_configs(rows_name: str, pairs: bool) -> list:
         out = []
         for rows, bk, warps in [(32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (16, 512, 4),
-                                (128, 256, 8), (16, 256, 2), (8, 512, 2), (16, 1024, 4), (32, 1024, 8)]:
+                                (128, 256, 8)]:
             out.append(triton.Config({rows_name: rows // 2 if pairs else rows, "BLOCK_K": bk}, num_warps=warps,
                                      num_stages=1))
         return out
