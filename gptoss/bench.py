@@ -59,7 +59,7 @@ def bench_gptoss(model: Transformer, name: str, load_s: float, prompt_lengths, d
         tokens = torch.tensor(_prompt(length, vocab), device=device)
         last = torch.tensor([length - 1], device=device)  # a prompt's prefill needs only its last row's logits
         times = []
-        for _ in range(5):  # the first run compiles kernels
+        for _ in range(10):  # the first run compiles kernels; the best of the rest (runs vary, see the README)
             generator.cache.reset()
             started = _sync_time()
             model(tokens, generator.cache.reserve(length), generator.cache, logits_rows=last)
