@@ -1,7 +1,14 @@
 import dataclasses
+import os
 
 import pytest
 import torch
+
+# GPTOSS_TRITON_INTERPRET_TESTS=1 runs the Triton kernel tests on the CPU through Triton's interpreter (tiny
+# shapes; needs numpy < 2.3). Set here, before any test module imports triton.
+TRITON_INTERPRET_TESTS = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
+if TRITON_INTERPRET_TESTS:
+    os.environ["TRITON_INTERPRET"] = "1"
 
 from gptoss.checkpoint_writer import fill_random, write_checkpoint
 from gptoss.config import preset
@@ -14,6 +21,15 @@ SMALL = dataclasses.replace(preset("tiny"), vocab_size=1024, sliding_window=16)
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
+
+
+def require_triton_device():
+    """For kernel test modules: skips the module unless Triton runs on a CUDA GPU or in the interpreter; returns
+    the triton module."""
+    triton = pytest.importorskip("triton")
+    if not TRITON_INTERPRET_TESTS and not torch.cuda.is_available():
+        pytest.skip("needs a CUDA GPU (or GPTOSS_TRITON_INTERPRET_TESTS=1)", allow_module_level=True)
+    return triton
 
 
 def random_model(config=SMALL, seed=0, dtype=torch.float32) -> Transformer:

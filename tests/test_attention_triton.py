@@ -4,18 +4,13 @@ Runs on a CUDA GPU with Triton. Without one (CI) the module is skipped. GPTOSS_T
 a tiny-shape variant on CPU through Triton's interpreter (TRITON_INTERPRET=1; slow, needs numpy < 2.4).
 """
 
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs on our kernels
+from conftest import TRITON_INTERPRET_TESTS as INTERPRET
+from conftest import require_triton_device
 
-triton = pytest.importorskip("triton")
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (or GPTOSS_TRITON_INTERPRET_TESTS=1)", allow_module_level=True)
+triton = require_triton_device()
 
 from gptoss.kernels.attention import attention_mask, sink_attention  # noqa: E402
 from gptoss.kernels.attention_triton import (  # noqa: E402

@@ -5,20 +5,14 @@ Runs on a CUDA GPU with Triton; without one (CI) the module is skipped. GPTOSS_T
 them on CPU through Triton's interpreter.
 """
 
-import os
-
 import pytest
 import torch
+import torch.nn.functional as F
 
-INTERPRET = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # before triton.jit runs on our kernels
+from conftest import TRITON_INTERPRET_TESTS as INTERPRET
+from conftest import require_triton_device
 
-triton = pytest.importorskip("triton")
-if not INTERPRET and not torch.cuda.is_available():
-    pytest.skip("needs a CUDA GPU (or GPTOSS_TRITON_INTERPRET_TESTS=1)", allow_module_level=True)
-
-import torch.nn.functional as F  # noqa: E402
+triton = require_triton_device()
 
 from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv  # noqa: E402
 from gptoss.kernels.moe import route  # noqa: E402

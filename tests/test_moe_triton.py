@@ -5,14 +5,10 @@ shapes when GPTOSS_TRITON_INTERPRET_TESTS=1 (they set TRITON_INTERPRET=1 before 
     GPTOSS_TRITON_INTERPRET_TESTS=1 python -m pytest tests/test_moe_triton.py -q
 """
 
-import os
-
 import pytest
 import torch
 
-INTERPRET = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
-if INTERPRET:
-    os.environ["TRITON_INTERPRET"] = "1"  # must precede the first triton import
+from conftest import TRITON_INTERPRET_TESTS as INTERPRET
 
 triton = pytest.importorskip("triton")
 
