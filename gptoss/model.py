@@ -49,7 +49,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = None) -> to
     if use_triton(x):
         from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv
 
-        if x.shape[0] <= GEMV_MAX_TOKENS:
+        if x.shape[0] <= GEMV_MAX_TOKENS and layer.weight.is_contiguous():
             return gemv(x, layer.weight, layer.bias, norm_scale=None if norm is None else norm.scale,
                         eps=RMS_NORM_EPS)
     return layer(x if norm is None else norm(x))

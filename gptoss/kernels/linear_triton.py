@@ -73,7 +73,8 @@ def _configs():
                             (16, 256, 4), (16, 512, 8), (32, 256, 8)]]
 
 
-_gemv = triton.autotune(_configs(), key=["R", "K", "NP", "NORM"])(_gemv_kernel)
+# timings kept in Triton's on-disk cache: later processes skip the tuning
+_gemv = triton.autotune(_configs(), key=["R", "K", "NP", "NORM"], cache_results=True)(_gemv_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
