@@ -121,17 +121,23 @@ class DecodeStep:
         return DecodeStepView(**{name: t[:batch] for name, t in self.device.items()}, max_context=self.max_context)
 
     def fill(self, entries, batch: int) -> None:
-        """entries [(block_table, start, end)] with end == start + 1, padded to `batch` rows."""
+        """entries [(block_table, start, end)] with end == start + 1, padded to `batch` rows. Built with a few
+        tensor ops rather than per-entry ones: this runs on the host before every decode step of the engine.
+        Block-table columns past a row's last block keep stale values: the kernels read only a row's first
+        ceil(seq_len / block_size) entries."""
         bs = self.cache.block_size
+        n = len(entries)
+        width = max(len(table) for table, _, _ in entries)
+        tables = torch.tensor([list(table) + [0] * (width - len(table)) for table, _, _ in entries], dtype=torch.int32)
+        starts = torch.tensor([start for _, start, _ in entries], dtype=torch.int64)
         host = {name: t[:batch] for name, t in self.host.items()}
-        for t in host.values():
-            t.zero_()
-        host["slots"].fill_(self.cache.scratch_slot)
-        for i, (table, start, end) in enumerate(entries):
-            host["positions"][i] = start
-            host["slots"][i] = table[start // bs] * bs + start % bs
-            host["seq_lens"][i] = end
-            host["block_table"][i, : len(table)] = torch.as_tensor(table, dtype=torch.int32)
+        host["positions"][:n] = starts
+        host["slots"][:n] = tables[torch.arange(n), starts // bs] * bs + starts % bs
+        host["seq_lens"][:n] = (starts + 1).to(torch.int32)
+        host["block_table"][:n, :width] = tables
+        host["positions"][n:] = 0
+        host["slots"][n:] = self.cache.scratch_slot
+        host["seq_lens"][n:] = 0
         for name, t in host.items():
             self.device[name][:batch].copy_(t, non_blocking=True)
 
