@@ -188,7 +188,8 @@ class Engine:
         """running / waiting requests; free_blocks (no user; includes blocks that still hold a reusable prefix);
         total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
         findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds and the
-        same for decode steps (cumulative; seconds of forward + sampling, the step's device work included)."""
+        same for decode steps, i.e. steps that feed one token per sequence (cumulative; seconds of forward +
+        sampling, the step's device work included)."""
         with self._cv:
             totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
                       for name, value in zip(("steps", "tokens", "seconds"), values)}

@@ -9,8 +9,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for step in "$@"; do
   case $step in
     tests) python3 -m pytest -q -s tests/test_fast_path.py 2>&1 | tee "$OUT/tests.log" | tail -n 25 ;;
-    kernel-tests) python3 -m pytest -q tests/test_attention_triton.py tests/test_moe_triton.py tests/test_dense_triton.py \
-             2>&1 | tee "$OUT/kernel-tests.log" | tail -n 5 ;;
+    kernel-tests) python3 -m pytest -q tests/test_attention_triton.py tests/test_moe_triton.py \
+             tests/test_dense_triton.py tests/test_decode_step.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -n 5 ;;
     moe-bench) python3 scripts/bench_moe.py 2>&1 | tee "$OUT/moe-bench.log" | tail -n 30 ;;
     profile) python3 scripts/profile_decode.py 2>&1 | tee "$OUT/profile.log" | tail -n 40 ;;
     bench20) python3 -m gptoss.cli bench --preset gpt-oss-20b --compare hf --json "$OUT/bench20.json" \
