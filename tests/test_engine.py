@@ -110,6 +110,18 @@ def test_concurrent_greedy_matches_single_requests(engine_factory, reference):
     assert s["preemptions"] == 0
 
 
+def test_step_stats_count_prefill_and_decode_steps(engine_factory):
+    """Every fed token is counted once: each request's prompt in prefill steps, each generated token but the
+    last in a decode step (one token per sequence)."""
+    prompts = make_prompts(3, seed=11, min_len=5, max_len=12)
+    engine = engine_factory(max_batch_size=8)
+    run_all(engine, [(p, greedy(6)) for p in prompts])
+    s = wait_idle(engine)
+    assert s["prefill_steps"] >= 1 and s["prefill_tokens"] == sum(len(p) for p in prompts)
+    assert s["decode_steps"] >= 5 and s["decode_tokens"] == 3 * 5
+    assert s["prefill_seconds"] > 0 and s["decode_seconds"] > 0
+
+
 def test_admission_control_and_preemption_with_tiny_cache(engine_factory, reference):
     # 24 blocks of 4 = 96 tokens; 12 requests of up to 40 + 20 tokens: only a couple fit at a time
     prompts = make_prompts(12, seed=2, min_len=20, max_len=40)
