@@ -116,12 +116,14 @@ class Engine:
     num_blocks: KV cache blocks of block_size tokens. Default: enough for a quarter of max_batch_size full-context
     requests, i.e. ceil(max_batch_size * context_length / 4 / block_size), and at least one full-context request.
     (gpt-oss-20b in bf16 stores 48 KiB per token: the defaults, 64 x 8192 / 4 tokens, take 6 GiB.)
-    max_prefill_tokens: tokens one prefill step packs at most (a longer single request still runs alone).
+    max_prefill_tokens: tokens one prefill step packs at most (a longer single request still runs alone). Larger
+    steps keep the MoE GEMM busier (on the H100, 64 requests of 1k tokens prefill in 1.4 s with 8192 against 1.8 s
+    with 2048) at the cost of longer pauses for the running requests' decode.
     enable_prefix_caching: reuse computed full blocks across requests.
     """
 
     def __init__(self, model, *, max_batch_size: int = 64, context_length: int = 8192, block_size: int = 16,
-                 num_blocks: int | None = None, max_prefill_tokens: int = 2048, enable_prefix_caching: bool = True):
+                 num_blocks: int | None = None, max_prefill_tokens: int = 8192, enable_prefix_caching: bool = True):
         config = model.config
         if max_batch_size <= 0:
             raise GptOssError(f"max_batch_size must be positive, got {max_batch_size}")
