@@ -11,7 +11,10 @@ What is special about gpt-oss, against a plain GQA transformer:
 Module and parameter names equal the released `original/` checkpoint keys, so loading is a loop.
 Tokens are a flat (N,) tensor with per-token positions: one sequence, or several packed by a batched engine.
 A KV cache, when given, owns the attention over cached keys (`cache.attend`), so the same model runs with the
-reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache.
+reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache. A GPU cache may
+also offer `decode_write_target`, through which the RoPE kernel stores a decode step's k and v itself.
+On the GPU, small ops are fused where a decode step gains (see gptoss.kernels): the attention's residual add runs
+in the MLP's norm, the MLP's in the MoE's last kernel, and the norms before qkv and the unembedding in their GEMVs.
 """
 
 import math
