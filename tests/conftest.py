@@ -1,14 +1,25 @@
 import dataclasses
+import importlib.util
 import os
 
 import pytest
 import torch
 
-# GPTOSS_TRITON_INTERPRET_TESTS=1 runs the Triton kernel tests on the CPU through Triton's interpreter (tiny
-# shapes; needs numpy < 2.3). Set here, before any test module imports triton.
-TRITON_INTERPRET_TESTS = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS") == "1"
+
+
+def _interpret_triton() -> bool:
+    """Without a CUDA GPU the Triton kernel tests run on the CPU through Triton's interpreter (tiny shapes; the
+    test extra installs triton and numpy < 2.3, which the interpreter needs). GPTOSS_TRITON_INTERPRET_TESTS=0 or 1
+    overrides the choice."""
+    forced = os.environ.get("GPTOSS_TRITON_INTERPRET_TESTS")
+    if forced is not None:
+        return forced == "1"
+    return not torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+TRITON_INTERPRET_TESTS = _interpret_triton()
 if TRITON_INTERPRET_TESTS:
-    os.environ["TRITON_INTERPRET"] = "1"
+    os.environ["TRITON_INTERPRET"] = "1"  # before any test module imports triton
 
 from gptoss.checkpoint_writer import fill_random, write_checkpoint
 from gptoss.config import preset

@@ -1,7 +1,7 @@
 """Triton attention kernels (gptoss.kernels.attention_triton) against the pure reference.
 
-Runs on a CUDA GPU with Triton. Without one (CI) the module is skipped. GPTOSS_TRITON_INTERPRET_TESTS=1 runs
-a tiny-shape variant on CPU through Triton's interpreter (TRITON_INTERPRET=1; slow, needs numpy < 2.4).
+Runs on a CUDA GPU with Triton; without one, a tiny-shape variant runs through Triton's interpreter on the CPU
+(see conftest).
 """
 
 import pytest

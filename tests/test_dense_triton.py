@@ -1,8 +1,7 @@
 """The small Triton kernels of a decode step against the pure path: RMSNorm (alone and fused with the residual add),
 MoE routing (top-K + softmax) and the GEMV of the dense projections (with and without the fused RMSNorm).
 
-Runs on a CUDA GPU with Triton; without one (CI) the module is skipped. GPTOSS_TRITON_INTERPRET_TESTS=1 runs
-them on CPU through Triton's interpreter.
+Runs on a CUDA GPU with Triton; without one, through Triton's interpreter on the CPU (tiny shapes; see conftest).
 """
 
 import pytest
