@@ -10,6 +10,8 @@ Numerics equal the pure path's: the normed input is rounded to the activation dt
 it), products and sums are float32, the bias is added in float32 and the result rounded once.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -81,7 +83,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
          norm_scale: torch.Tensor | None = None, eps: float = 0.0, config: dict | None = None) -> torch.Tensor:
     """x (N, K) with N <= GEMV_MAX_TOKENS, weight (R, K), bias (R,) -> (N, R) in x's dtype:
     F.linear(x, weight, bias), or F.linear(rms_norm(x, norm_scale, eps), weight, bias) with norm_scale.
-    config: fixed {"BLOCK_R", "BLOCK_K", "num_warps"} instead of autotuning."""
+    config: fixed {"BLOCK_R", "BLOCK_K", "num_warps"} instead of autotuning (always used under TRITON_INTERPRET=1,
+    where there is nothing to time)."""
     n, k = x.shape
     r = weight.shape[0]
     if n > GEMV_MAX_TOKENS or weight.shape[1] != k or not weight.is_contiguous() or x.stride(1) != 1:
@@ -93,6 +96,8 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (x, weight, weight if bias is None else bias, weight if norm_scale is None else norm_scale, out,
             n, r, x.stride(0), out.stride(0), eps)
     meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None)
+    if config is None and os.environ.get("TRITON_INTERPRET", "0") == "1":
+        config = {"BLOCK_R": 64, "BLOCK_K": 128}
     if config is None:
         _gemv[lambda m: (triton.cdiv(r, m["BLOCK_R"]),)](*args, **meta)
     else:

@@ -581,7 +581,7 @@ def moe_triton(
             k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
             c1 = c2 = {}
         else:
-            c = {"BLOCK_U": 16, "BLOCK_H": 32, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
+            c = {"BLOCK_U": 64, "BLOCK_H": 128, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
             k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
             c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
             c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
