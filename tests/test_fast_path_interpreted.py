@@ -33,3 +33,38 @@ def test_triton_path_equals_pure_path(monkeypatch):
         rows = [model(tokens[:prefill], cache.reserve(prefill), cache)]
         rows += [model(tokens[i : i + 1], cache.reserve(1), cache) for i in range(prefill, len(tokens))]
     assert relative_error(torch.cat(rows), pure) <= 1e-5
+
+
+def test_paged_cache_path_equals_pure_path(monkeypatch):
+    """The engine's GPU path without the CUDA graph: a packed prefill of two sequences over TritonPagedKVCache, then
+    decode steps driven by DecodeStep metadata (padded to a batch bucket, k/v stored by the RoPE kernel into the
+    paged pools, paged split-K decode attention), as GraphedBatchDecode records them."""
+    from gptoss.cuda_cache import DecodeStep, TritonPagedKVCache
+
+    model = random_model(TWO_LAYERS)
+    gen = torch.Generator().manual_seed(1)
+    sequences = [torch.randint(0, SMALL.vocab_size, (n,), generator=gen) for n in (10, 25)]
+    prompt_lengths, steps, block_size = (7, 22), 3, 4
+    tables = [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]
+    with torch.inference_mode():
+        pure = [model(s) for s in sequences]
+        monkeypatch.setattr(gptoss.model, "use_triton", lambda x: True)
+        cache = TritonPagedKVCache(TWO_LAYERS, num_blocks=12, block_size=block_size, dtype=torch.float32)
+        positions = cache.prepare([(t, 0, n) for t, n in zip(tables, prompt_lengths)])
+        tokens = torch.cat([s[:n] for s, n in zip(sequences, prompt_lengths)])
+        last = torch.tensor([prompt_lengths[0] - 1, sum(prompt_lengths) - 1])
+        prefill = model(tokens, positions, cache, logits_rows=last)
+        cache.finish()
+        decode_step = DecodeStep(cache, max_batch=4, max_context=32)
+        decoded = []
+        for j in range(steps):
+            decode_step.fill([(t, n + j, n + j + 1) for t, n in zip(tables, prompt_lengths)], batch=4)
+            view = decode_step.view(4)  # two real rows, two padding rows
+            fed = torch.zeros(4, dtype=torch.long)
+            fed[:2] = torch.stack([s[n + j] for s, n in zip(sequences, prompt_lengths)])
+            cache.decode_step = view
+            decoded.append(model(fed, view.positions, cache)[:2])
+            cache.decode_step = None
+    for i, (p, n) in enumerate(zip(pure, prompt_lengths)):
+        fast = torch.cat([prefill[i : i + 1]] + [d[i : i + 1] for d in decoded])
+        assert relative_error(fast, p[n - 1 : n + steps]) <= 1e-5
