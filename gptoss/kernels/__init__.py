@@ -10,6 +10,12 @@ import os
 import torch
 
 
+def triton_interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter (TRITON_INTERPRET, read as Triton reads it): the kernels
+    then take fixed launch configs (there is nothing to time) and float32 dot operands."""
+    return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
+
+
 def use_reference() -> bool:
     return os.environ.get("GPTOSS_KERNELS", "auto") == "reference"
 

@@ -20,17 +20,14 @@ Uses only portable Triton (tl.dot, no sm_90-only instructions). Runs under TRITO
 """
 
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 
+from gptoss.kernels import triton_interpreting
+
 LOG2E = 1.4426950408889634
-
-
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 @triton.jit
@@ -214,7 +211,7 @@ def prefill_attention(
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1), out.stride(0), out.stride(1),
         n_tokens, n_keys, q_start, k_start, window if window is not None else 0, sm_scale * LOG2E,
         G=g, HAS_WINDOW=window is not None, BLOCK_M=block_m, BLOCK_N=block_n, HEAD_DIM=head_dim,
-        F32=_interpreting(),
+        F32=triton_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
     return out
@@ -423,7 +420,7 @@ def decode_attention(
         stride_bt, out.stride(0), out.stride(1),
         n_heads, n_slots, block_size, window if window is not None else 0, sm_scale * LOG2E, num_splits,
         G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGED=paged, HAS_WINDOW=window is not None, DIRECT=direct, F32=_interpreting(),
+        PAGED=paged, HAS_WINDOW=window is not None, DIRECT=direct, F32=triton_interpreting(),
         num_warps=num_warps, num_stages=num_stages,
     )
     if not direct:

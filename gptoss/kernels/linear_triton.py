@@ -10,11 +10,11 @@ Numerics equal the pure path's: the normed input is rounded to the activation dt
 it), products and sums are float32, the bias is added in float32 and the result rounded once.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from gptoss.kernels import triton_interpreting
 
 # Token counts served by the GEMV (more tokens: cuBLAS, which then reads each weight once for all of them).
 GEMV_MAX_TOKENS = 4
@@ -96,7 +96,7 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     args = (x, weight, weight if bias is None else bias, weight if norm_scale is None else norm_scale, out,
             n, r, x.stride(0), out.stride(0), eps)
     meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None)
-    if config is None and os.environ.get("TRITON_INTERPRET", "0") == "1":
+    if config is None and triton_interpreting():
         config = {"BLOCK_R": 64, "BLOCK_K": 128}
     if config is None:
         _gemv[lambda m: (triton.cdiv(r, m["BLOCK_R"]),)](*args, **meta)

@@ -51,6 +51,8 @@ import os
 
 import torch
 
+from gptoss.kernels import triton_interpreting
+
 try:  # triton is optional (the `gpu` extra); the reference path never needs it
     import triton
     import triton.language as tl
@@ -67,8 +69,9 @@ SWIGLU_ALPHA = 1.702
 DECODE_MAX_TOKENS = 16
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+def gemv_serves(num_tokens: int) -> bool:
+    """Whether moe_triton's automatic choice runs the GEMV kernels (which read x in float32) for this many tokens."""
+    return num_tokens <= DECODE_MAX_TOKENS
 
 
 def moe_fast_available(x: torch.Tensor) -> bool:
@@ -560,11 +563,11 @@ def moe_triton(
                          f"x {tuple(x.shape)} {x.dtype}")
     M = N * K
     dev = x.device
-    interp = _interpreting()
+    interp = triton_interpreting()
     limit = float(swiglu_limit)
 
     if path == "auto":
-        path = "gemv" if N <= DECODE_MAX_TOKENS else "gemm"
+        path = "gemv" if gemv_serves(N) else "gemm"
 
     if path == "gemv":
         # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair

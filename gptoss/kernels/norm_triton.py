@@ -45,24 +45,27 @@ def rms_norm_reference(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torc
     return (t * scale).to(x.dtype)
 
 
-def _launch(x, update, scale, eps, h, out, out32):
+def _launch(x, scale, eps, out, update=None, h=None, out32=None):
+    """out = rms_norm(x); with update: h = x + update and out = rms_norm(h); with out32: out in float32 too."""
     dim = x.shape[-1]
     assert x.dim() == 2 and x.stride(1) == 1 and scale.shape == (dim,)
     if x.shape[0] == 0:
         return
+    add, copy = update is not None, out32 is not None
+    update, h, out32 = (update if add else x), (h if add else out), (out32 if copy else out)  # unused: any tensor
     block = triton.next_power_of_2(dim)
     _rms_norm_kernel[(x.shape[0],)](
         x, update, scale.contiguous(), h, out, out32,
         x.stride(0), update.stride(0), h.stride(0), out.stride(0), out32.stride(0),
         dim, eps,
-        ADD=update is not x, COPY_F32=out32 is not out, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+        ADD=add, COPY_F32=copy, BLOCK=block, num_warps=4 if block <= 2048 else 8,
     )
 
 
 def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
     """x (N, H) -> (N, H) in x's dtype; fp32 statistics, fp32 gain (scale (H,))."""
     out = torch.empty_like(x)
-    _launch(x, x, scale, eps, x, out, out)
+    _launch(x, scale, eps, out)
     return out
 
 
@@ -73,6 +76,6 @@ def add_rms_norm(
     assert update.shape == x.shape and update.stride(1) == 1
     h = torch.empty_like(x)
     out = torch.empty_like(x)
-    out32 = torch.empty(x.shape, device=x.device, dtype=torch.float32) if with_float32 else out
-    _launch(x, update, scale, eps, h, out, out32)
-    return h, out, (out32 if with_float32 else None)
+    out32 = torch.empty(x.shape, device=x.device, dtype=torch.float32) if with_float32 else None
+    _launch(x, scale, eps, out, update=update, h=h, out32=out32)
+    return h, out, out32
