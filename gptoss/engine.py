@@ -430,9 +430,7 @@ class Engine:
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
                 tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
-                last = torch.tensor(list(itertools.accumulate(len(r.tokens) - r.num_computed for r in batch)),
-                                    device=self.model.device) - 1  # each request's last fed token
-                outputs = self._sample(batch, self._forward(tokens, entries, last))
+                outputs = self._sample(batch, self._forward(tokens, entries))
         except Exception as e:
             with self._cv:
                 for req in batch:
@@ -465,12 +463,14 @@ class Engine:
                 if out.finish_reason is not None or not delivered:
                     self._finish(req)
 
-    def _forward(self, tokens: torch.Tensor, entries, logits_rows: torch.Tensor) -> torch.Tensor:
+    def _forward(self, tokens: torch.Tensor, entries) -> torch.Tensor:
         """(N,) packed tokens of the step's sequences (entries: (block_table, start, end) each) -> logits (B, V)
-        of the rows `logits_rows`. On CUDA attention and MoE run as Triton kernels, and decode steps (one token
-        per sequence) replay CUDA graphs."""
+        of each sequence's last fed token. On CUDA attention and MoE run as Triton kernels, and decode steps (one
+        token per sequence) replay CUDA graphs."""
         if self.graphed_decode is not None and len(tokens) == len(entries):
             return self.graphed_decode(tokens, entries)
+        ends = itertools.accumulate(end - start for _, start, end in entries)  # packed row after each sequence
+        logits_rows = torch.tensor(list(ends), device=tokens.device) - 1
         positions = self.cache.prepare(entries)
         try:
             return self.model(tokens, positions, self.cache, logits_rows=logits_rows)

@@ -320,11 +320,11 @@ def test_failing_step_fails_its_requests_and_engine_recovers(engine_factory, ref
     calls = {"n": 0}
     real_forward = engine._forward
 
-    def flaky(tokens, entries, logits_rows):
+    def flaky(tokens, entries):
         calls["n"] += 1
         if calls["n"] == 3:  # a decode step of the running batch
             raise RuntimeError("boom")
-        return real_forward(tokens, entries, logits_rows)
+        return real_forward(tokens, entries)
 
     monkeypatch.setattr(engine, "_forward", flaky)
 
