@@ -16,7 +16,8 @@ q sees keys q-W+1 .. q); query head h reads KV head h // (Hq // Hkv).
   position % S_max, so a ring of S_max == W slots works for sliding layers) and paged caches (block_table) are
   supported.
 
-Uses only portable Triton (tl.dot, no sm_90-only instructions). Runs under TRITON_INTERPRET=1 on CPU tensors.
+Uses only portable Triton (tl.dot, no sm_90-only instructions; the decode kernels use programmatic dependent launch
+where the GPU has it, see gptoss.kernels.pdl). Runs under TRITON_INTERPRET=1 on CPU tensors.
 """
 
 import math
@@ -26,6 +27,7 @@ import triton
 import triton.language as tl
 
 from gptoss.kernels import triton_interpreting
+from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
 
 LOG2E = 1.4426950408889634
 
@@ -229,11 +231,12 @@ def _decode_kernel(
     stride_bt, stride_ob, stride_oh,
     n_heads, n_slots, block_size, window, qk_scale, num_splits,
     G: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
-    PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, F32: tl.constexpr,
+    PAGED: tl.constexpr, HAS_WINDOW: tl.constexpr, DIRECT: tl.constexpr, F32: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    wait_for_prior_kernel(PDL)
     seq_len = tl.load(SeqLens + b).to(tl.int32)  # tokens in the cache including the new query's own
     hi = seq_len
     if HAS_WINDOW:
@@ -305,10 +308,11 @@ def _decode_kernel(
 @triton.jit
 def _decode_combine_kernel(
     Sinks, Out, Mpart, Lpart, Apart, stride_ob, stride_oh, n_heads, num_splits,
-    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_S: tl.constexpr, HEAD_DIM: tl.constexpr, PDL: tl.constexpr,
 ):
     b = tl.program_id(0)
     head = tl.program_id(1)
+    wait_for_prior_kernel(PDL)
     s = tl.arange(0, BLOCK_S)
     s_ok = s < num_splits
     d = tl.arange(0, HEAD_DIM)
@@ -412,6 +416,7 @@ def decode_attention(
         a_part = torch.empty((batch, n_heads, num_splits, head_dim), device=q.device, dtype=torch.float32)
     bt = block_table if paged else seq_lens  # dummy pointer when not paged
     grid = (batch, n_kv_heads, num_splits)
+    pdl = pdl_enabled(q)
     _decode_kernel[grid](
         q, k_cache, v_cache, sinks, seq_lens, bt, out, m_part, l_part, a_part,
         q.stride(0), q.stride(1),
@@ -420,13 +425,13 @@ def decode_attention(
         stride_bt, out.stride(0), out.stride(1),
         n_heads, n_slots, block_size, window if window is not None else 0, sm_scale * LOG2E, num_splits,
         G=g, BLOCK_H=max(16, triton.next_power_of_2(g)), BLOCK_N=block_n, HEAD_DIM=head_dim,
-        PAGED=paged, HAS_WINDOW=window is not None, DIRECT=direct, F32=triton_interpreting(),
-        num_warps=num_warps, num_stages=num_stages,
+        PAGED=paged, HAS_WINDOW=window is not None, DIRECT=direct, F32=triton_interpreting(), PDL=pdl,
+        num_warps=num_warps, num_stages=num_stages, launch_pdl=pdl,
     )
     if not direct:
         _decode_combine_kernel[(batch, n_heads)](
             sinks, out, m_part, l_part, a_part, out.stride(0), out.stride(1), n_heads, num_splits,
-            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim,
+            BLOCK_S=triton.next_power_of_2(num_splits), HEAD_DIM=head_dim, PDL=pdl, launch_pdl=pdl,
         )
     return out
 
@@ -457,9 +462,10 @@ def _rope_cache_kernel(
     QKV, Cos, Sin, Qout, Kout, Kc, Vc, Slots,
     stride_qkv, stride_cos, stride_sin, stride_qo, stride_ko, stride_kc, stride_vc,
     n_heads, n_kv_heads,
-    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, WRITE: tl.constexpr,
+    HALF: tl.constexpr, BLOCK_HQ: tl.constexpr, BLOCK_HK: tl.constexpr, WRITE: tl.constexpr, PDL: tl.constexpr,
 ):
     n = tl.program_id(0).to(tl.int64)
+    wait_for_prior_kernel(PDL)
     i = tl.arange(0, HALF)
     # tables in fp32, applied in the activation dtype (as gptoss.model.apply_rope casts them)
     c = tl.load(Cos + n * stride_cos + i).to(QKV.dtype.element_ty).to(tl.float32)
@@ -523,10 +529,12 @@ def rope_and_cache_write(
         kc, vc, slots = k, k, cos  # unused
     if n_tokens == 0:
         return q, k
+    pdl = pdl_enabled(qkv)
     _rope_cache_kernel[(n_tokens,)](
         qkv, cos, sin, q, k, kc, vc, slots,
         qkv.stride(0), cos.stride(0), sin.stride(0), q.stride(0), k.stride(0), kc.stride(0), vc.stride(0),
         n_heads, n_kv_heads,
         HALF=half, BLOCK_HQ=triton.next_power_of_2(n_heads), BLOCK_HK=triton.next_power_of_2(n_kv_heads), WRITE=write,
+        PDL=pdl, launch_pdl=pdl,
     )
     return q, k

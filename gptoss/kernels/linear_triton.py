@@ -15,20 +15,23 @@ import triton
 import triton.language as tl
 
 from gptoss.kernels import triton_interpreting
+from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
 
 # Token counts served by the GEMV (more tokens: cuBLAS, which then reads each weight once for all of them).
 GEMV_MAX_TOKENS = 4
 
 
 @triton.jit
-def _load_tile(W, X, rows, rmask, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NP: tl.constexpr, n_tok,
-               stride_x):
+def _load_w(W, rows, rmask, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
     ks = k0 + tl.arange(0, BLOCK_K)
-    kmask = ks < K
-    w = tl.load(W + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & kmask[None, :], other=0.0)
+    return tl.load(W + rows[:, None] * K + ks[None, :], mask=rmask[:, None] & (ks < K)[None, :], other=0.0)
+
+
+@triton.jit
+def _load_x(X, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NP: tl.constexpr, n_tok, stride_x):
+    ks = k0 + tl.arange(0, BLOCK_K)
     t = tl.arange(0, NP)
-    x = tl.load(X + t[:, None] * stride_x + ks[None, :], mask=(t < n_tok)[:, None] & kmask[None, :], other=0.0)
-    return w, x
+    return tl.load(X + t[:, None] * stride_x + ks[None, :], mask=(t < n_tok)[:, None] & (ks < K)[None, :], other=0.0)
 
 
 @triton.jit
@@ -41,12 +44,17 @@ def _gemv_kernel(
     NORM: tl.constexpr,  # x is normed first: (x * rsqrt(mean(x^2) + eps) * scale) rounded to x's dtype
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rows < R
     rows = rows.to(tl.int64)
     t = tl.arange(0, NP)
-    w, x = _load_tile(W, X, rows, rmask, 0, K, BLOCK_K, NP, n_tok, stride_x)
+    w = _load_w(W, rows, rmask, 0, K, BLOCK_K)  # weights first: they stream in under the previous kernel's tail
+    if HAS_BIAS:
+        bias = tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
+    wait_for_prior_kernel(PDL)
+    x = _load_x(X, 0, K, BLOCK_K, NP, n_tok, stride_x)
     if NORM:  # per-token 1 / rms over the whole input row, loaded at once (one latency, not one per step)
         KP: tl.constexpr = triton.next_power_of_2(K)
         cols = tl.arange(0, KP)
@@ -55,7 +63,8 @@ def _gemv_kernel(
         inv = 1.0 / tl.sqrt_rn(tl.sum(xs * xs, 1) / K + eps)
     acc = tl.zeros((NP, BLOCK_R), tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        w_next, x_next = _load_tile(W, X, rows, rmask, k0 + BLOCK_K, K, BLOCK_K, NP, n_tok, stride_x)
+        w_next = _load_w(W, rows, rmask, k0 + BLOCK_K, K, BLOCK_K)
+        x_next = _load_x(X, k0 + BLOCK_K, K, BLOCK_K, NP, n_tok, stride_x)
         xf = x.to(tl.float32)
         if NORM:
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -64,7 +73,7 @@ def _gemv_kernel(
         acc += tl.sum(w.to(tl.float32)[None, :, :] * xf[:, None, :], 2)  # (NP, BLOCK_R)
         w, x = w_next, x_next
     if HAS_BIAS:
-        acc += tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)[None, :]
+        acc += bias[None, :]
     tl.store(Out + t[:, None] * stride_o + rows[None, :], acc.to(Out.dtype.element_ty),
              mask=(t < n_tok)[:, None] & rmask[None, :])
 
@@ -95,7 +104,9 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
         return out
     args = (x, weight, weight if bias is None else bias, weight if norm_scale is None else norm_scale, out,
             n, r, x.stride(0), out.stride(0), eps)
-    meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None)
+    pdl = pdl_enabled(x)
+    meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None, PDL=pdl,
+                launch_pdl=pdl)
     if config is None and triton_interpreting():
         config = {"BLOCK_R": 64, "BLOCK_K": 128}
     if config is None:

@@ -57,6 +57,8 @@ try:  # triton is optional (the `gpu` extra); the reference path never needs it
     import triton
     import triton.language as tl
 
+    from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
+
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is missing or broken
     triton = None
@@ -212,9 +214,11 @@ if HAS_TRITON:
         MP: tl.constexpr,  # power of two >= M
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
+        PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
+        wait_for_prior_kernel(PDL)
         follower, e = _first_of_expert(ids_ptr, i, M, MP)
         if follower:
             return
@@ -246,9 +250,11 @@ if HAS_TRITON:
         MP: tl.constexpr,
         BLOCK_H: tl.constexpr,  # output rows per program
         BLOCK_K: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
+        wait_for_prior_kernel(PDL)
         follower, e = _first_of_expert(ids_ptr, i, M, MP)
         if follower:
             return
@@ -263,13 +269,14 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(y_ptr, rw_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr):
+                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
         """out[n] = sum_k w(n, k) * y[pair], pair = n * K + k, summed in float32 in a fixed order and cast to
         out's dtype (one launch instead of torch's sum + cast; no atomics, so deterministic). RESIDUAL:
         out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add)."""
         n = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         hm = hs < H
+        wait_for_prior_kernel(PDL)
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K_ROUTE):
             p = n * K_ROUTE + k
@@ -588,10 +595,12 @@ def moe_triton(
             k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
             c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
             c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+        pdl = pdl_enabled(x)
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
-            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, **c1)
+            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
+            launch_pdl=pdl, **c1)
         k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I,
-                                                         MP=MP, **c2)
+                                                         MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
         return _combine(y, weights, residual, x.dtype)
 
     if path != "gemm":
@@ -630,8 +639,10 @@ def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | No
     out = torch.empty((n, h), device=y.device, dtype=dtype)
     block = 1024
     res = out if residual is None else residual.contiguous()
+    pdl = pdl_enabled(y)
     _combine_kernel[(n, triton.cdiv(h, block))](y, weights.reshape(-1).contiguous(), res, out, H=h, K_ROUTE=k,
-                                                RESIDUAL=residual is not None, BLOCK=block, num_warps=4)
+                                                RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=4,
+                                                launch_pdl=pdl)
     return out
 
 

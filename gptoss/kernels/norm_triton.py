@@ -11,6 +11,8 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
+
 
 @triton.jit
 def _rms_norm_kernel(
@@ -20,10 +22,13 @@ def _rms_norm_kernel(
     ADD: tl.constexpr,  # h = x + update is written to H and normed; else x itself is normed
     COPY_F32: tl.constexpr,  # also write the normed row in float32 to Out32
     BLOCK: tl.constexpr,
+    PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
 ):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     ok = cols < dim
+    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
+    wait_for_prior_kernel(PDL)
     x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0)
     if ADD:
         u = tl.load(Update + row * stride_u + cols, mask=ok, other=0.0)
@@ -31,7 +36,6 @@ def _rms_norm_kernel(
         tl.store(H + row * stride_h + cols, x, mask=ok)
     x = x.to(tl.float32)
     inv = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / dim + eps)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
     t = (x * inv * w).to(Out.dtype.element_ty)
     tl.store(Out + row * stride_o + cols, t, mask=ok)
     if COPY_F32:
@@ -54,11 +58,12 @@ def _launch(x, scale, eps, out, update=None, h=None, out32=None):
     add, copy = update is not None, out32 is not None
     update, h, out32 = (update if add else x), (h if add else out), (out32 if copy else out)  # unused: any tensor
     block = triton.next_power_of_2(dim)
+    pdl = pdl_enabled(x)
     _rms_norm_kernel[(x.shape[0],)](
         x, update, scale.contiguous(), h, out, out32,
         x.stride(0), update.stride(0), h.stride(0), out.stride(0), out32.stride(0),
         dim, eps,
-        ADD=add, COPY_F32=copy, BLOCK=block, num_warps=4 if block <= 2048 else 8,
+        ADD=add, COPY_F32=copy, BLOCK=block, PDL=pdl, num_warps=4 if block <= 2048 else 8, launch_pdl=pdl,
     )
 
 

@@ -9,11 +9,14 @@ import torch
 import triton
 import triton.language as tl
 
+from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
+
 
 @triton.jit
 def _route_kernel(Logits, Weights, Ids, stride_l, E, K: tl.constexpr, BLOCK_E: tl.constexpr,
-                  BLOCK_K: tl.constexpr):
+                  BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
+    wait_for_prior_kernel(PDL)
     e = tl.arange(0, BLOCK_E)
     x = tl.load(Logits + n * stride_l + e, mask=e < E, other=-float("inf")).to(tl.float32)
     k = tl.arange(0, BLOCK_K)
@@ -40,7 +43,8 @@ def route_triton(router_logits: torch.Tensor, k: int) -> tuple[torch.Tensor, tor
     weights = torch.empty((n, k), device=router_logits.device, dtype=router_logits.dtype)
     ids = torch.empty((n, k), device=router_logits.device, dtype=torch.int32)
     if n:
+        pdl = pdl_enabled(router_logits)
         _route_kernel[(n,)](router_logits, weights, ids, router_logits.stride(0), num_experts, K=k,
                             BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(k),
-                            num_warps=1)
+                            PDL=pdl, num_warps=1, launch_pdl=pdl)
     return weights, ids
