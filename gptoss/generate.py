@@ -91,17 +91,31 @@ class TokenGenerator:
         generated = 0
         while True:
             token = sample(logits[None], temperature, top_k, top_p, generator)[0]
-            token_id = int(token)
+            logprob = torch.log_softmax(logits.float(), dim=-1)[token] if return_logprobs else None
             generated += 1
-            if return_logprobs:
-                yield token_id, float(torch.log_softmax(logits.float(), dim=-1)[token_id])
-            else:
-                yield token_id
+            room = not (max_tokens and generated >= max_tokens) and self.cache.length < self.context_length
+            ahead = room and self.graphed_decode is not None
+            if ahead:  # GPU: enqueue the next step before reading this token, so the GPU never waits on the host
+                token_host, logprob_host, ready = self._copy_to_host(token, logprob)
+                logits = self._decode(token)  # wasted only when this token turns out to be a stop token
+                ready.synchronize()
+                token, logprob = token_host, logprob_host
+            token_id = int(token)
+            yield (token_id, float(logprob)) if return_logprobs else token_id
             if token_id in stop or (max_tokens and generated >= max_tokens):
                 return
             if self.cache.length >= self.context_length:
                 raise ContextLengthError(f"generation reached the context length of {self.context_length}")
-            logits = self._decode(token)
+            if not ahead:
+                logits = self._decode(token)
+
+    @staticmethod
+    def _copy_to_host(*tensors):
+        """Starts copies of the (device) tensors into pinned host memory -> (copies..., event marking their end)."""
+        copies = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
+        ready = torch.cuda.Event()
+        ready.record()
+        return (*copies, ready)
 
     def _decode(self, token: torch.Tensor) -> torch.Tensor:
         """One step: token () -> logits (V,) for the next position."""

@@ -36,9 +36,9 @@ def graphed_us(fn, iters=50) -> float:
 def main():
     E, H, I, K = 32, 2880, 2880, 4
     m1, b1, m2, b2 = make_layers(1, E, H, I, "cuda")[0]
-    crossover = mt.DECODE_MAX_TOKENS
+    crossover = 0
     print("tokens | gemv us | gemm us", flush=True)
-    for n in (8, 12, 16, 24, 32, 48, 64, 96, 128):
+    for n in (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64):
         x, w, ids = tokens(n, E, H, K, "cuda")
         def run(path):
             return mt.moe_triton(x, w, ids, m1.blocks, m1.scales, b1, m2.blocks, m2.scales, b2, 7.0, path=path)

@@ -194,12 +194,12 @@ def test_gpu_both_paths_decode_sizes(N, path):
 
 @gpu_only
 @pytest.mark.parametrize("mlp1", [True, False])
-@pytest.mark.parametrize("index", range(6))
+@pytest.mark.parametrize("index", range(len(_dot_configs(True, scaled=True))))
 def test_gpu_every_gemm_tile_candidate(index, mlp1):
-    """The autotuner may pick any candidate: each must compute the same function (at a batched-decode size). A fixed
-    config runs both GEMM kernels, so a candidate meant for one kernel may not fit the other: that one is skipped,
-    as the autotuner skips it."""
-    candidate = _dot_configs(mlp1)[index]
+    """The autotuner may pick any candidate (bf16 activations: the dot_scaled tiles too): each must compute the same
+    function (at a batched-decode size). A fixed config runs both GEMM kernels, so a candidate meant for one kernel
+    may not fit the other: that one is skipped, as the autotuner skips it."""
+    candidate = _dot_configs(mlp1, scaled=True)[index]
     try:
         check(48, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm", seed=60 + index,
               config=dict(candidate.kwargs, num_warps=candidate.num_warps, num_stages=candidate.num_stages))
@@ -220,6 +220,8 @@ def test_gpu_gemv_masked_tails(N):
           config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
     check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=50 + N,
           config={"BM": 64, "BN": 64, "BK": 64, "SWAP": N == 3, "num_warps": 4, "num_stages": 3})
+    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=60 + N,  # dot_scaled, K tail masked
+          config={"BM": 16, "BN": 64, "BK": 128, "SCALED": True, "num_warps": 4, "num_stages": 3})
 
 
 @gpu_only

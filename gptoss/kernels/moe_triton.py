@@ -331,6 +331,26 @@ if HAS_TRITON:
         sc = _scale_value(s)[:, :, None]
         return tl.reshape(tl.join(lo * sc, hi * sc), (R, BK))
 
+    @triton.jit
+    def _scaled_dot(acc, xt, w_ptr, s_ptr, rows, rmask, k0, KDIM: tl.constexpr, BK: tl.constexpr):
+        """acc (BM, R) += xt (BM, BK) bf16 . W^T for packed rows (R,) of a (rows, KDIM) MXFP4 matrix, through
+        tl.dot_scaled: the bytes and scales go to Triton as they are stored, and Triton decodes them in the MMA's
+        register layout (on sm_90 no shared-memory round trip of the decoded tile, unlike _dequant_tile + tl.dot).
+        Masked bytes are 0, so the scale there (127: 1.0) multiplies zeros."""
+        KBYTES: tl.constexpr = KDIM // 2
+        G: tl.constexpr = KDIM // 32
+        kb = k0 // 2 + tl.arange(0, BK // 2)
+        g = k0 // 32 + tl.arange(0, BK // 32)
+        if KDIM % BK == 0:
+            bm = rmask[:, None]
+            sm = rmask[:, None]
+        else:
+            bm = rmask[:, None] & (kb < KBYTES)[None, :]
+            sm = rmask[:, None] & (g < G)[None, :]
+        b = tl.load(w_ptr + rows[:, None] * KBYTES + kb[None, :], mask=bm, other=0)  # (R, BK/2)
+        s = tl.load(s_ptr + rows[:, None] * G + g[None, :], mask=sm, other=127)  # (R, BK/32)
+        return tl.dot_scaled(xt, None, "bf16", tl.trans(b), s, "e2m1", acc=acc, fast_math=True)
+
 
     @triton.jit
     def _mlp1_swiglu_dot_kernel(
@@ -352,6 +372,7 @@ if HAS_TRITON:
         BN: tl.constexpr,  # SwiGLU units per program (2 * BN interleaved weight rows, one dot)
         BK: tl.constexpr,  # inputs per step
         SWAP: tl.constexpr,  # dot(W, x^T): the dequantized weights are the register (A) operand of the MMA
+        SCALED: tl.constexpr,  # tl.dot_scaled on the packed tile (bf16 x only; not under the interpreter)
         DENORM: tl.constexpr,
         DOT_F32: tl.constexpr,  # upcast operands to fp32 (the CPU interpreter's bf16 dot is wrong)
     ):
@@ -382,12 +403,15 @@ if HAS_TRITON:
             xt = tl.load(x_ptr + tok[:, None] * H + (k0 + kx)[None, :], mask=xm, other=0.0)  # (BM, BK)
             if DOT_F32:
                 xt = xt.to(tl.float32)
-            w = _dequant_tile(w_ptr, s_ptr, wrows, wmask, k0, H, BK, DENORM).to(xt.dtype)  # (2BN, BK)
-            # "ieee": float32 operands (a float32 model) multiply exactly, not rounded to TF32 (no effect on bf16)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(xt), acc, input_precision="ieee")
+            if SCALED:
+                acc = _scaled_dot(acc, xt, w_ptr, s_ptr, wrows, wmask, k0, H, BK)
             else:
-                acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
+                w = _dequant_tile(w_ptr, s_ptr, wrows, wmask, k0, H, BK, DENORM).to(xt.dtype)  # (2BN, BK)
+                # "ieee": float32 operands (a float32 model) multiply exactly, not rounded to TF32 (no effect on bf16)
+                if SWAP:
+                    acc = tl.dot(w, tl.trans(xt), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xt, tl.trans(w), acc, input_precision="ieee")
         if SWAP:
             acc = tl.trans(acc)  # (BM, 2BN)
 
@@ -416,6 +440,7 @@ if HAS_TRITON:
         BN: tl.constexpr,  # output features per program
         BK: tl.constexpr,
         SWAP: tl.constexpr,
+        SCALED: tl.constexpr,
         DENORM: tl.constexpr,
         DOT_F32: tl.constexpr,
     ):
@@ -445,11 +470,14 @@ if HAS_TRITON:
             at = tl.load(act_ptr + rows.to(tl.int64)[:, None] * I + (k0 + kx)[None, :], mask=am, other=0.0)
             if DOT_F32:
                 at = at.to(tl.float32)
-            w = _dequant_tile(w_ptr, s_ptr, wrows, hmask, k0, I, BK, DENORM).to(at.dtype)  # (BN, BK)
-            if SWAP:
-                acc = tl.dot(w, tl.trans(at), acc, input_precision="ieee")
+            if SCALED:
+                acc = _scaled_dot(acc, at, w_ptr, s_ptr, wrows, hmask, k0, I, BK)
             else:
-                acc = tl.dot(at, tl.trans(w), acc, input_precision="ieee")
+                w = _dequant_tile(w_ptr, s_ptr, wrows, hmask, k0, I, BK, DENORM).to(at.dtype)  # (BN, BK)
+                if SWAP:
+                    acc = tl.dot(w, tl.trans(at), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(at, tl.trans(w), acc, input_precision="ieee")
         if SWAP:
             acc = tl.trans(acc)  # (BM, BN)
 
@@ -471,27 +499,37 @@ if HAS_TRITON:
                                      num_stages=1))
         return out
 
-    def _dot_configs(mlp1: bool) -> list:
-        # (BM, BN, BK, SWAP, warps, stages): the best four of each kernel at N = 1024 and 8192 on H100 out of 13
-        # (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows). Plus two with
-        # 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are padding).
-        cands = [(128, 64, 64, 1, 8, 3), (64, 64, 64, 1, 4, 3), (128, 64, 64, 0, 8, 3), (64, 64, 64, 0, 4, 3),
-                 (32, 64, 128, 1, 4, 4), (32, 128, 64, 1, 4, 4)] \
+    def _dot_configs(mlp1: bool, scaled: bool = False) -> list:
+        # (BM, BN, BK, SWAP, SCALED, warps, stages): the best four of each kernel at N = 1024 and 8192 on H100 out
+        # of 13 (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows). Plus two
+        # with 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are
+        # padding). With bf16 activations (scaled): three tl.dot_scaled tiles, the best at 64 and 1024 tokens
+        # (scripts/moe_dot_scaled.py: at 64 tokens 1.3x faster than the others, at 1024 on a par).
+        cands = [(128, 64, 64, 1, 0, 8, 3), (64, 64, 64, 1, 0, 4, 3), (128, 64, 64, 0, 0, 8, 3),
+                 (64, 64, 64, 0, 0, 4, 3), (32, 64, 128, 1, 0, 4, 4), (32, 128, 64, 1, 0, 4, 4)] \
             if mlp1 else \
-            [(64, 128, 64, 0, 4, 3), (128, 128, 128, 0, 8, 3), (128, 128, 64, 1, 8, 3), (64, 128, 64, 1, 4, 3),
-             (32, 128, 128, 1, 4, 4), (32, 256, 64, 1, 8, 3)]
-        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": bool(sw)}, num_warps=w, num_stages=s)
-                for bm, bn, bk, sw, w, s in cands]
+            [(64, 128, 64, 0, 0, 4, 3), (128, 128, 128, 0, 0, 8, 3), (128, 128, 64, 1, 0, 8, 3),
+             (64, 128, 64, 1, 0, 4, 3), (32, 128, 128, 1, 0, 4, 4), (32, 256, 64, 1, 0, 8, 3)]
+        if scaled:
+            bn = 64 if mlp1 else 128
+            cands += [(16, bn, 128, 0, 1, 4, 4), (32, bn, 128, 0, 1, 4, 4), (64, bn, 128, 0, 1, 4, 3)]
+        return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": bool(sw), "SCALED": bool(sc)}, num_warps=w,
+                              num_stages=s)
+                for bm, bn, bk, sw, sc, w, s in cands]
 
     _TUNED: dict = {}
 
     def _tuned(name: str):
+        """name: mlp1_gemv, mlp2_gemv, mlp1_dot, mlp2_dot, or mlp1_dot_bf16 / mlp2_dot_bf16 (with dot_scaled
+        tiles, which take bf16 activations only)."""
         if name not in _TUNED:
             configs, key, kernel = {
                 "mlp1_gemv": (_gemv_configs("BLOCK_U", True), ["H", "I"], _mlp1_swiglu_gemv_kernel),
                 "mlp2_gemv": (_gemv_configs("BLOCK_H", False), ["H", "I"], _mlp2_gemv_kernel),
-                "mlp1_dot": (_dot_configs(True), ["H", "I", "tune_m"], _mlp1_swiglu_dot_kernel),
-                "mlp2_dot": (_dot_configs(False), ["H", "I", "tune_m"], _mlp2_dot_kernel),
+                "mlp1_dot": (_dot_configs(True, False), ["H", "I", "tune_m"], _mlp1_swiglu_dot_kernel),
+                "mlp2_dot": (_dot_configs(False, False), ["H", "I", "tune_m"], _mlp2_dot_kernel),
+                "mlp1_dot_bf16": (_dot_configs(True, True), ["H", "I", "tune_m"], _mlp1_swiglu_dot_kernel),
+                "mlp2_dot_bf16": (_dot_configs(False, True), ["H", "I", "tune_m"], _mlp2_dot_kernel),
             }[name]
             _TUNED[name] = triton.autotune(configs, key=key, cache_results=True)(kernel)
         return _TUNED[name]
@@ -541,7 +579,8 @@ def moe_triton(
 
     path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
-      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; gemm: {"BM", "BN", "BK", "SWAP", "num_warps", "num_stages"}.
+      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
+      gemm: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
@@ -618,11 +657,15 @@ def moe_triton(
     tune_m = max(64, _next_pow2(M))
     n_tiles = lambda bm: _cdiv(M, bm) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
     if config is None and not interp:
-        k1, k2 = _tuned("mlp1_dot"), _tuned("mlp2_dot")
+        bf16 = "_bf16" if x.dtype == torch.bfloat16 else ""
+        k1, k2 = _tuned("mlp1_dot" + bf16), _tuned("mlp2_dot" + bf16)
         c = {}
     else:
         k1, k2 = _mlp1_swiglu_dot_kernel, _mlp2_dot_kernel
-        c = {"BM": 16, "BN": 32, "BK": 64, "SWAP": False, "num_warps": 4, "num_stages": 2, **(config or {})}
+        c = {"BM": 16, "BN": 32, "BK": 64, "SWAP": False, "SCALED": False, "num_warps": 4, "num_stages": 2,
+             **(config or {})}
+        if c["SCALED"] and (interp or x.dtype != torch.bfloat16):
+            raise ValueError("SCALED (tl.dot_scaled) tiles need bf16 activations on a GPU")
     k1[lambda m: (triton.cdiv(I, m["BN"]), n_tiles(m["BM"]))](
         x, order, seg_end, E, mlp1_blocks, mlp1_scales, mlp1_bias, act, limit, tune_m,
         H=H, I=I, K_ROUTE=K, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
