@@ -98,9 +98,10 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
     async def run_all(first: int) -> int:
         return sum(await asyncio.gather(*(one(first + i) for i in range(concurrency))))
 
+    engine.warm_up()
     engine.start()
     try:
-        asyncio.run(run_all(concurrency))  # warm-up with the same shapes: kernel compilation and autotuning
+        asyncio.run(run_all(concurrency))  # warm-up with the same shapes (the engine's own warm-up covers the rest)
         before = engine.stats()
         started = time.perf_counter()
         generated = asyncio.run(run_all(0))
@@ -197,8 +198,10 @@ def run(args) -> list[BenchResult]:
         served = bench_engine(model, args.serve, prompt_length=1024, output_tokens=256)
         print(f"engine: {served['concurrency']} concurrent requests x (1024 prompt + 256 output tokens): "
               f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s: "
-              f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.1f} s, "
-              f"{served['decode_steps']} decode steps {served['decode_seconds']:.1f} s; "
+              f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.2f} s "
+              f"(GPU {served['prefill_device_seconds']:.2f} s), "
+              f"{served['decode_steps']} decode steps {served['decode_seconds']:.2f} s "
+              f"(GPU {served['decode_device_seconds']:.2f} s); "
               f"prefix-cache hits: {served['cached_prefix_blocks']} blocks)", flush=True)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]

@@ -52,6 +52,7 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 import torch
+from tqdm import tqdm
 
 from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.kernels import use_triton
@@ -109,6 +110,24 @@ class _Request:
         self.cancelled = False
 
 
+class _DeviceSpan:
+    """GPU time between construction and end() on the current CUDA stream (0 off CUDA); read it once the stream
+    has passed end(), e.g. after a .tolist() of later work."""
+
+    def __init__(self, device: torch.device):
+        self._events = None
+        if device.type == "cuda":
+            self._events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self._events[0].record()
+
+    def end(self) -> None:
+        if self._events:
+            self._events[1].record()
+
+    def seconds(self) -> float:
+        return self._events[0].elapsed_time(self._events[1]) / 1000 if self._events else 0.0
+
+
 class Engine:
     """Continuous batching over a paged KV cache (see the module docstring).
 
@@ -159,10 +178,35 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self.num_preemptions = 0
-        # per kind of step: [steps, tokens fed, seconds of forward + sampling] (see stats())
-        self._step_totals = {"prefill": [0, 0, 0.0], "decode": [0, 0, 0.0]}
+        # per kind of step: [steps, tokens fed, seconds of forward + sampling, seconds of the forward on the device]
+        self._step_totals = {"prefill": [0, 0, 0.0, 0.0], "decode": [0, 0, 0.0, 0.0]}
 
     # -- lifecycle ---------------------------------------------------------------------------------------------
+    def warm_up(self, progress: bool = False) -> None:
+        """On CUDA, before start(): runs a prefill of each size bucket the MoE GEMM tunes for (powers of two from
+        32 tokens up to max_prefill_tokens) and one decode step of each batch-size bucket (capturing its CUDA
+        graph), on scratch blocks. A fresh machine otherwise autotunes and captures while serving, stalling every
+        running request for seconds; Triton keeps the tuned configs on disk, so later processes warm up quickly.
+        No-op off CUDA."""
+        if self.graphed_decode is None:
+            return
+        if self._thread is not None:
+            raise EngineError("warm_up() must run before start()")
+        limit = min(self.max_prefill_tokens, self.context_length, self.num_blocks * self.block_size)
+        prefills = [n for n in (2**i for i in range(5, limit.bit_length())) if n <= limit]
+        decodes = [b for b in self.graphed_decode.buckets if b <= self.num_blocks]
+        vocab = self.model.config.vocab_size
+        steps = [(n, False) for n in prefills] + [(b, True) for b in decodes]
+        for n, decode in tqdm(steps, desc="warming up", unit="step", disable=not progress):
+            blocks = [self.blocks.allocate() for _ in range(n if decode else self.blocks.blocks_for(n))]
+            try:
+                entries = [([b], 0, 1) for b in blocks] if decode else [(blocks, 0, n)]
+                with torch.inference_mode():
+                    self._forward(torch.randint(vocab, (n,), device=self.model.device), entries)
+            finally:
+                self.blocks.release_all(blocks)
+        torch.cuda.synchronize(self.model.device)
+
     def start(self) -> None:
         """Starts the background step loop (idempotent)."""
         with self._cv:
@@ -189,12 +233,14 @@ class Engine:
     def stats(self) -> dict:
         """running / waiting requests; free_blocks (no user; includes blocks that still hold a reusable prefix);
         total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
-        findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds and the
-        same for decode steps, i.e. steps that feed one token per sequence (cumulative; seconds of forward +
-        sampling, the step's device work included)."""
+        findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds /
+        prefill_device_seconds and the same for decode steps, i.e. steps that feed one token per sequence
+        (cumulative; seconds: wall time of forward + sampling, the step's device work included; device_seconds: on
+        CUDA, the GPU's time from the forward's first enqueued work to its end, 0 elsewhere). The wall time between
+        steps (scheduling, delivering tokens) is what their sum leaves of a run's duration."""
         with self._cv:
             totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
-                      for name, value in zip(("steps", "tokens", "seconds"), values)}
+                      for name, value in zip(("steps", "tokens", "seconds", "device_seconds"), values)}
             return {
                 **totals,
                 "running": len(self._running),
@@ -430,7 +476,10 @@ class Engine:
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
                 tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
-                outputs = self._sample(batch, self._forward(tokens, entries))
+                events = _DeviceSpan(tokens.device)
+                logits = self._forward(tokens, entries)
+                events.end()
+                outputs = self._sample(batch, logits)
         except Exception as e:
             with self._cv:
                 for req in batch:
@@ -443,6 +492,7 @@ class Engine:
             totals[0] += 1
             totals[1] += len(tokens)
             totals[2] += time.perf_counter() - started  # outputs came through .tolist(): the device is done
+            totals[3] += events.seconds()
             for req, out in zip(batch, outputs):
                 if req.state != "running":
                     continue

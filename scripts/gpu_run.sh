@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check run on the device machine: GPU tests, then the benchmarks recorded in the README.
-# Usage: bash scripts/gpu_run.sh [tests|bench20|bench120|serve]...   (logs under $OUT, default ./out)
+# Usage: bash scripts/gpu_run.sh [tests|kernel-tests|moe-bench|profile|profile-engine|bench20|bench120|serve]...   (logs under $OUT, default ./out)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -13,6 +13,7 @@ for step in "$@"; do
              tests/test_dense_triton.py tests/test_decode_step.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -n 5 ;;
     moe-bench) python3 scripts/bench_moe.py 2>&1 | tee "$OUT/moe-bench.log" | tail -n 30 ;;
     profile) python3 scripts/profile_decode.py 2>&1 | tee "$OUT/profile.log" | tail -n 40 ;;
+    profile-engine) python3 scripts/profile_engine_step.py 2>&1 | tee "$OUT/profile-engine.log" | tail -n 30 ;;
     bench20) python3 -m gptoss.cli bench --preset gpt-oss-20b --compare hf --json "$OUT/bench20.json" \
              2>&1 | tee "$OUT/bench20.log" ;;
     bench120) python3 -m gptoss.cli bench --preset gpt-oss-120b --json "$OUT/bench120.json" \

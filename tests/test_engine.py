@@ -110,6 +110,13 @@ def test_concurrent_greedy_matches_single_requests(engine_factory, reference):
     assert s["preemptions"] == 0
 
 
+def test_warm_up_is_a_no_op_on_cpu(engine_factory):
+    engine = engine_factory(max_batch_size=4)
+    engine.warm_up()
+    s = engine.stats()
+    assert s["prefill_steps"] == s["decode_steps"] == 0 and s["free_blocks"] == s["total_blocks"]
+
+
 def test_step_stats_count_prefill_and_decode_steps(engine_factory):
     """Every fed token is counted once: each request's prompt in prefill steps, each generated token but the
     last in a decode step (one token per sequence)."""
@@ -120,6 +127,7 @@ def test_step_stats_count_prefill_and_decode_steps(engine_factory):
     assert s["prefill_steps"] >= 1 and s["prefill_tokens"] == sum(len(p) for p in prompts)
     assert s["decode_steps"] >= 5 and s["decode_tokens"] == 3 * 5
     assert s["prefill_seconds"] > 0 and s["decode_seconds"] > 0
+    assert s["prefill_device_seconds"] == s["decode_device_seconds"] == 0.0  # CPU: no device timing
 
 
 def test_admission_control_and_preemption_with_tiny_cache(engine_factory, reference):

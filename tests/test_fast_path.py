@@ -110,14 +110,17 @@ def test_prefill_then_decode_across_window_boundaries(model_20b, model_20b_float
 
 
 def test_engine_on_gpu_picks_near_argmax_tokens(model_20b, model_20b_float32, monkeypatch):
-    """The engine's GPU path (Triton paged attention, per-batch-size CUDA graphs, batched MoE): 16 concurrent greedy
-    requests complete, and every token picked is a near-argmax of the float32 pure path given the same prefix.
+    """The engine's GPU path (Triton paged attention, per-batch-size CUDA graphs, batched MoE), after its warm-up:
+    16 concurrent greedy requests complete, and every token picked is a near-argmax of the float32 pure path given the same prefix.
 
     (Token-for-token equality with each request alone does not hold on GPU: bf16 results depend on the batch size
     as cuBLAS picks kernels by shape, and random weights give flat logits whose top two often lie closer than that
     noise. A wrong kernel picks tokens far below the argmax.)"""
     engine = Engine(model_20b, max_batch_size=16, context_length=512)
     assert engine.graphed_decode is not None
+    engine.warm_up()  # every decode bucket captured, the scratch blocks given back
+    assert sorted(engine.graphed_decode.graphs) == engine.graphed_decode.buckets
+    assert engine.blocks.num_free == engine.num_blocks
     params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=())
     prompts = [torch.randint(0, 199998, (20 + 13 * i,), generator=torch.Generator().manual_seed(i)).tolist()
                for i in range(16)]

@@ -30,6 +30,7 @@ def cmd_serve(args) -> int:
     name = args.model_name or _served_model_name(folder)
     api_key = args.api_key or os.environ.get("GPTOSS_API_KEY") or None
     app = create_app(engine, name, api_key=api_key)
+    engine.warm_up(progress=sys.stderr.isatty())
     engine.start()
     print(f"gptoss: serving {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)

@@ -1,0 +1,51 @@
+"""Where a batched decode step of the engine goes on the GPU: graph replay time of one step for B sequences at a
+given context, then the per-kernel CUDA time of that step (profiled through the graph replay).
+Usage: python scripts/profile_engine_step.py [--preset gpt-oss-20b] [--batch 64] [--context 1024]"""
+
+import argparse
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from gptoss.bench import random_model
+from gptoss.engine import Engine
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="gpt-oss-20b")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--context", type=int, default=1024)
+    args = parser.parse_args()
+    model = random_model(args.preset, "cuda")
+    per_sequence = -(-(args.context + 1) // 16)
+    engine = Engine(model, max_batch_size=args.batch, context_length=args.context + 16, block_size=16,
+                    num_blocks=args.batch * per_sequence)
+    vocab = model.config.vocab_size
+    tables = [[engine.blocks.allocate() for _ in range(engine.blocks.blocks_for(args.context + 1))]
+              for _ in range(args.batch)]
+    with torch.inference_mode():
+        for table in tables:  # real prefills: the cache holds what a served request's would
+            engine._forward(torch.randint(vocab, (args.context,), device="cuda"), [(table, 0, args.context)])
+        entries = [(table, args.context, args.context + 1) for table in tables]
+        tokens = torch.randint(vocab, (args.batch,), device="cuda")
+        for _ in range(3):
+            engine._forward(tokens, entries)  # captures the bucket's graph
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        torch.cuda.synchronize()
+        start.record()
+        for _ in range(20):
+            engine._forward(tokens, entries)
+        end.record()
+        torch.cuda.synchronize()
+        step_ms = start.elapsed_time(end) / 20
+        print(f"batch {args.batch} at context {args.context}: {step_ms:.2f} ms a step "
+              f"({args.batch * 1000 / step_ms:,.0f} tokens/s, host metadata included)")
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            engine._forward(tokens, entries)
+            torch.cuda.synchronize()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+
+
+if __name__ == "__main__":
+    main()
