@@ -139,10 +139,14 @@ class Engine:
     steps keep the MoE GEMM busier (on the H100, 64 requests of 1k tokens prefill in 1.4 s with 8192 against 1.8 s
     with 2048) at the cost of longer pauses for the running requests' decode.
     enable_prefix_caching: reuse computed full blocks across requests.
+    decode_ahead: launch each decode step before the previous step's tokens reach the host (they feed it on the
+    device), so that the GPU computes while the host delivers tokens and schedules. Default: on CUDA, where it hides
+    the host's per-step work; on the CPU the step would run before the tokens are delivered, delaying each by a step.
     """
 
     def __init__(self, model, *, max_batch_size: int = 64, context_length: int = 8192, block_size: int = 16,
-                 num_blocks: int | None = None, max_prefill_tokens: int = 8192, enable_prefix_caching: bool = True):
+                 num_blocks: int | None = None, max_prefill_tokens: int = 8192, enable_prefix_caching: bool = True,
+                 decode_ahead: bool | None = None):
         config = model.config
         if max_batch_size <= 0:
             raise GptOssError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -163,6 +167,7 @@ class Engine:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = BlockManager(num_blocks, block_size)
         self.graphed_decode = None
+        self.decode_ahead = model.device.type == "cuda" if decode_ahead is None else decode_ahead
         if use_triton(model.embedding.weight):
             from gptoss.cuda_cache import TritonPagedKVCache
             from gptoss.cuda_graph import GraphedBatchDecode
@@ -463,38 +468,55 @@ class Engine:
             try:
                 self._step(batch)
             except Exception as e:  # _step fails its own batch on model errors; this is a safety net for the rest
-                with self._cv:
-                    for req in batch:
-                        err = EngineError(f"engine step failed: {e!r}")
-                        err.__cause__ = e
-                        self._fail(req, err)
+                self._fail_all(batch, e)
 
     def _step(self, batch: list[_Request]) -> None:
-        started = time.perf_counter()
+        """Runs the scheduled step, then, while the batch keeps decoding and nothing waits for admission, the decode
+        steps launched ahead of it (see decode_ahead)."""
         try:
             with torch.inference_mode():
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
-                tokens = torch.tensor(flat, dtype=torch.long, device=self.model.device)
-                events = _DeviceSpan(tokens.device)
-                logits = self._forward(tokens, entries)
-                events.end()
-                outputs = self._sample(batch, logits)
+                tokens = _index(flat, self.model.device)
+                step = self._launch(batch, tokens, entries)
         except Exception as e:
-            with self._cv:
-                for req in batch:
-                    err = EngineError(f"engine step failed: {e!r}")
-                    err.__cause__ = e
-                    self._fail(req, err)
+            self._fail_all(batch, e)
             return
+        while step is not None:
+            step = self._complete(step)
+
+    def _launch(self, batch: list[_Request], tokens: torch.Tensor, entries) -> _LaunchedStep:
+        """Enqueues a step's forward and sampling; its outputs are read later (_complete)."""
+        started = time.perf_counter()
+        span = _DeviceSpan(tokens.device)
+        logits = self._forward(tokens, entries)
+        span.end()
+        return _LaunchedStep(batch, len(tokens), started, span, self._sample(batch, logits))
+
+    def _complete(self, step: _LaunchedStep) -> _LaunchedStep | None:
+        """Launches the next decode step ahead if it can, then reads this step's tokens and delivers them.
+        Returns the step launched ahead."""
+        ahead = None
+        try:
+            with torch.inference_mode():
+                if self.decode_ahead and step.num_tokens == len(step.batch):
+                    with self._cv:
+                        plan = self._plan_ahead(step.batch)
+                    if plan is not None:
+                        rows, batch, entries = plan
+                        ahead = self._launch(batch, step.sampled.tokens[rows], entries)
+                outputs = step.sampled.read()
+        except Exception as e:
+            self._fail_all(step.batch, e)
+            return None
         with self._cv:
-            totals = self._step_totals["decode" if len(tokens) == len(batch) else "prefill"]
+            totals = self._step_totals["decode" if step.num_tokens == len(step.batch) else "prefill"]
             totals[0] += 1
-            totals[1] += len(tokens)
-            totals[2] += time.perf_counter() - started  # outputs came through .tolist(): the device is done
-            totals[3] += events.seconds()
-            for req, out in zip(batch, outputs):
-                if req.state != "running":
+            totals[1] += step.num_tokens
+            totals[2] += time.perf_counter() - step.started  # outputs were read: the device is done with it
+            totals[3] += step.span.seconds()
+            for req, out in zip(step.batch, outputs):
+                if req.state != "running":  # finished, failed or preempted (a step launched ahead may hold it)
                     continue
                 if req.cancelled:
                     self._finish(req)
@@ -512,6 +534,35 @@ class Engine:
                 delivered = self._emit(req, out)
                 if out.finish_reason is not None or not delivered:
                     self._finish(req)
+        return ahead
+
+    def _plan_ahead(self, batch: list[_Request]):
+        """(lock held) The next decode step of `batch`, planned before its tokens are known: the requests that
+        continue unless their pending token is a stop token (not cancelled, below max_tokens), each feeding that
+        token at position len(tokens), with the blocks it needs allocated now. None when the next step should be
+        scheduled instead: requests wait for admission, the engine stops, a block is missing (preemption is the
+        scheduler's), or nobody continues. -> (rows of `batch` that continue, those requests, their entries)."""
+        if self._waiting or self._stopping:
+            return None
+        rows = [i for i, r in enumerate(batch) if r.state == "running" and not r.cancelled
+                and r.num_generated + 1 < r.params.max_tokens]
+        need = sum(max(0, self.blocks.blocks_for(len(batch[i].tokens) + 1) - len(batch[i].block_table)) for i in rows)
+        if not rows or need > self.blocks.num_free:
+            return None
+        entries = []
+        for i in rows:
+            req = batch[i]
+            while len(req.tokens) + 1 > len(req.block_table) * self.block_size:
+                req.block_table.append(self.blocks.allocate())
+            entries.append((req.block_table, len(req.tokens), len(req.tokens) + 1))
+        return _index(rows, self.model.device), [batch[i] for i in rows], entries
+
+    def _fail_all(self, batch: list[_Request], e: Exception) -> None:
+        with self._cv:
+            for req in batch:
+                err = EngineError(f"engine step failed: {e!r}")
+                err.__cause__ = e
+                self._fail(req, err)
 
     def _forward(self, tokens: torch.Tensor, entries) -> torch.Tensor:
         """(N,) packed tokens of the step's sequences (entries: (block_table, start, end) each) -> logits (B, V)
@@ -520,15 +571,17 @@ class Engine:
         if self.graphed_decode is not None and len(tokens) == len(entries):
             return self.graphed_decode(tokens, entries)
         ends = itertools.accumulate(end - start for _, start, end in entries)  # packed row after each sequence
-        logits_rows = torch.tensor(list(ends), device=tokens.device) - 1
+        logits_rows = _index(list(ends), tokens.device) - 1
         positions = self.cache.prepare(entries)
         try:
             return self.model(tokens, positions, self.cache, logits_rows=logits_rows)
         finally:
             self.cache.finish()
 
-    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> list[TokenOutput]:
-        """logits (B, V), one row per request -> one TokenOutput per request (finish_reason not yet set)."""
+    def _sample(self, batch: list[_Request], logits: torch.Tensor) -> _SampledTokens:
+        """logits (B, V), one row per request -> the sampled tokens (and the logprobs asked for) on the device,
+        on their way to the host. Everything that reads logits is enqueued here: a step launched ahead overwrites
+        a graph's logits."""
         n = len(batch)
         chosen = torch.empty(n, dtype=torch.long, device=logits.device)
         greedy, groups = [], {}
@@ -539,26 +592,65 @@ class Engine:
             else:  # one batched call per distinct setting; seeded rows draw from their own generators
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         if greedy:
-            idx = torch.tensor(greedy, device=logits.device)
+            idx = _index(greedy, logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for (temperature, top_k, top_p), rows in groups.items():
-            idx = torch.tensor(rows, device=logits.device)
+            idx = _index(rows, logits.device)
             chosen[idx] = sample(logits[idx], temperature, top_k, top_p, [batch[i].generator for i in rows])
-        tokens = chosen.tolist()
-        outputs = [TokenOutput(token=t) for t in tokens]
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]
+        picked = top = None
         if want:
-            idx = torch.tensor(want, device=logits.device)
+            idx = _index(want, logits.device)
             logp = torch.log_softmax(logits[idx].float(), dim=-1)
-            picked = logp.gather(1, chosen[idx][:, None])[:, 0].tolist()
+            picked = logp.gather(1, chosen[idx][:, None])[:, 0]
             k = max(batch[i].params.top_logprobs for i in want)
-            top_vals = top_ids = None
             if k > 0:
                 top = torch.topk(logp, k, dim=-1)
-                top_vals, top_ids = top.values.tolist(), top.indices.tolist()
-            for row, i in enumerate(want):
+        return _SampledTokens(chosen, want, [batch[i].params.top_logprobs for i in want], picked, top)
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    """values as an int64 tensor on device, copied from pinned memory: a copy from pageable memory (what
+    torch.tensor(values, device=...) does) first waits for all work queued on the stream, which would stall the
+    host behind a decode step launched ahead."""
+    t = torch.tensor(values, dtype=torch.long)
+    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
+
+
+class _SampledTokens:
+    """A step's sampled tokens, with the logprobs of the rows `want` (picked (W,), top: topk of (W, V)), on the
+    device (`tokens` feeds a step launched ahead) and being copied to pinned host memory."""
+
+    def __init__(self, tokens: torch.Tensor, want: list[int], top_counts: list[int], picked, top):
+        self.tokens = tokens
+        self.want, self.top_counts = want, top_counts
+        tensors = [tokens] + ([picked] if picked is not None else []) + ([top.values, top.indices] if top is not None
+                                                                          else [])
+        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
+        self._ready = None
+        if tokens.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def read(self) -> list[TokenOutput]:
+        """Waits for the copies (not for work enqueued after them) -> one TokenOutput per row."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        outputs = [TokenOutput(token=t) for t in self._host[0].tolist()]
+        if self.want:
+            picked = self._host[1].tolist()
+            top_vals, top_ids = (self._host[2].tolist(), self._host[3].tolist()) if len(self._host) > 2 else (None, None)
+            for row, (i, k) in enumerate(zip(self.want, self.top_counts)):
                 outputs[i].logprob = picked[row]
-                kk = batch[i].params.top_logprobs
-                if kk > 0:
-                    outputs[i].top_logprobs = list(zip(top_ids[row][:kk], top_vals[row][:kk]))
+                if k > 0:
+                    outputs[i].top_logprobs = list(zip(top_ids[row][:k], top_vals[row][:k]))
         return outputs
+
+
+@dataclass
+class _LaunchedStep:
+    batch: list[_Request]
+    num_tokens: int  # tokens fed (== len(batch) for a decode step)
+    started: float  # perf_counter at launch
+    span: _DeviceSpan
+    sampled: _SampledTokens

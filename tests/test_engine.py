@@ -80,13 +80,16 @@ def wait_idle(engine, timeout=5.0):
     raise AssertionError(f"engine did not become idle: {engine.stats()}")
 
 
-@pytest.fixture
-def engine_factory(model):
+@pytest.fixture(params=[False, True], ids=["in_turn", "decode_ahead"])
+def engine_factory(model, request):
+    """Engines in both step modes: each step scheduled after the previous one's tokens are delivered, and decode
+    steps launched ahead of that (the GPU default, run here on the CPU to check its bookkeeping)."""
     engines = []
 
     def make(**kw):
         kw.setdefault("context_length", 512)
         kw.setdefault("block_size", 4)
+        kw.setdefault("decode_ahead", request.param)
         e = Engine(model, **kw)
         e.start()
         engines.append(e)

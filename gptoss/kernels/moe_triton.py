@@ -66,9 +66,10 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
     HAS_TRITON = False
 
 SWIGLU_ALPHA = 1.702
-# N <= this: GEMV kernels; above: grouped GEMM (tl.dot). Measured crossover on the H100 (scripts/moe_crossover.py,
-# 20b shapes, graphed): GEMV 420 us vs GEMM 475 us at 16 tokens, 583 vs 456 us at 24.
-DECODE_MAX_TOKENS = 16
+# N <= this: GEMV kernels; above: grouped GEMM. Measured crossover on the H100 (scripts/moe_crossover.py, 20b
+# shapes, graphed, with the GEMM's dot_scaled tiles): GEMV 185 us vs GEMM 186 at 6 tokens, 238 vs 243 at 8, 350 vs
+# 307 at 12, 457 vs 290 at 16.
+DECODE_MAX_TOKENS = 8
 
 
 def gemv_serves(num_tokens: int) -> bool:
