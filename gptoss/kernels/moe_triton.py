@@ -33,12 +33,15 @@ Two kernel families:
     at N=1 and 1.3-1.4x slower at N=4 / 8.
   * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
     (BN outputs) tiles. Each program finds its tile in-kernel from the per-expert row ends (scatter_add +
-    cumsum on the device), so BM is autotuned with BN / BK / warps / stages (key: shapes and M's power-of-two
-    bucket). Grid (column block, tile) with column blocks fastest: the programs in flight share the gathered
-    activation tile through L2. Plain tl.dot (wgmma on Hopper, mma on Ampere); SWAP computes W @ x^T so the
-    dequantized weight tile is the MMA's register operand (mlp1's pick). Measured on H100 (20b shapes):
-    N=1024 1.04 ms of kernels per layer call (195 TFLOP/s; 1.30 ms eager), N=8192 5.56 ms (293 TFLOP/s),
-    against 2.19 / 14.5 ms with the previous BN=32 tiles, tile-major grid and host-built tile table.
+    cumsum on the device), so BM is autotuned with BN / BK / warps / stages (key: shapes, E and M's
+    power-of-two bucket). Grid (column block, tile) with column blocks fastest: the programs in flight share the
+    gathered activation tile through L2. Plain tl.dot (wgmma on Hopper, mma on Ampere) on tiles dequantized
+    here; SWAP computes W @ x^T so the dequantized weight tile is the MMA's register operand (mlp1's pick).
+    With bf16 activations the autotuner also tries SCALED tiles, where tl.dot_scaled takes the packed bytes and
+    scales as stored and Triton decodes them in the MMA's operand layout: the same numbers bit for bit, and on
+    H100 at 64 tokens (batched decode) 388 us a call against 458 (scripts/moe_dot_scaled.py, in git history at
+    commit df021db), on a par at 1024. Measured on H100 (20b shapes): N=1024 1.04 ms of kernels per layer call
+    (195 TFLOP/s; 1.30 ms eager), N=8192 5.56 ms (293 TFLOP/s).
 Neither path synchronizes with the host: calls can be captured in a CUDA graph (after a first, autotuning call).
 
 Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors). Triton 3.6's interpreter needs
@@ -505,7 +508,8 @@ if HAS_TRITON:
         # of 13 (BN 32..256, BK 64/128, BM 64/128); mlp1's BN counts SwiGLU units (2 * BN weight rows). Plus two
         # with 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are
         # padding). With bf16 activations (scaled): three tl.dot_scaled tiles, the best at 64 and 1024 tokens
-        # (scripts/moe_dot_scaled.py: at 64 tokens 1.3x faster than the others, at 1024 on a par).
+        # (the dot_scaled experiment, see the module docstring: at 64 tokens 1.3x faster than the others, at 1024
+        # on a par).
         cands = [(128, 64, 64, 1, 0, 8, 3), (64, 64, 64, 1, 0, 4, 3), (128, 64, 64, 0, 0, 8, 3),
                  (64, 64, 64, 0, 0, 4, 3), (32, 64, 128, 1, 0, 4, 4), (32, 128, 64, 1, 0, 4, 4)] \
             if mlp1 else \
@@ -527,10 +531,12 @@ if HAS_TRITON:
             configs, key, kernel = {
                 "mlp1_gemv": (_gemv_configs("BLOCK_U", True), ["H", "I"], _mlp1_swiglu_gemv_kernel),
                 "mlp2_gemv": (_gemv_configs("BLOCK_H", False), ["H", "I"], _mlp2_gemv_kernel),
-                "mlp1_dot": (_dot_configs(True, False), ["H", "I", "tune_m"], _mlp1_swiglu_dot_kernel),
-                "mlp2_dot": (_dot_configs(False, False), ["H", "I", "tune_m"], _mlp2_dot_kernel),
-                "mlp1_dot_bf16": (_dot_configs(True, True), ["H", "I", "tune_m"], _mlp1_swiglu_dot_kernel),
-                "mlp2_dot_bf16": (_dot_configs(False, True), ["H", "I", "tune_m"], _mlp2_dot_kernel),
+                # E in the key: 20b and 120b share H and I, but 4x the experts means 4x fewer rows per expert
+                # at the same token count, so another best row tile
+                "mlp1_dot": (_dot_configs(True, False), ["H", "I", "E", "tune_m"], _mlp1_swiglu_dot_kernel),
+                "mlp2_dot": (_dot_configs(False, False), ["H", "I", "E", "tune_m"], _mlp2_dot_kernel),
+                "mlp1_dot_bf16": (_dot_configs(True, True), ["H", "I", "E", "tune_m"], _mlp1_swiglu_dot_kernel),
+                "mlp2_dot_bf16": (_dot_configs(False, True), ["H", "I", "E", "tune_m"], _mlp2_dot_kernel),
             }[name]
             _TUNED[name] = triton.autotune(configs, key=key, cache_results=True)(kernel)
         return _TUNED[name]
