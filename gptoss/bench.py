@@ -200,8 +200,7 @@ def run(args) -> list[BenchResult]:
               f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s: "
               f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.2f} s "
               f"(GPU {served['prefill_device_seconds']:.2f} s), "
-              f"{served['decode_steps']} decode steps {served['decode_seconds']:.2f} s "
-              f"(GPU {served['decode_device_seconds']:.2f} s); "
+              f"{served['decode_steps']} decode steps, GPU {served['decode_device_seconds']:.2f} s; "
               f"prefix-cache hits: {served['cached_prefix_blocks']} blocks)", flush=True)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]

@@ -55,6 +55,7 @@ import torch
 from tqdm import tqdm
 
 from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
 from gptoss.sampling import sample
@@ -198,7 +199,7 @@ class Engine:
         if self._thread is not None:
             raise EngineError("warm_up() must run before start()")
         limit = min(self.max_prefill_tokens, self.context_length, self.num_blocks * self.block_size)
-        prefills = [n for n in (2**i for i in range(5, limit.bit_length())) if n <= limit]
+        prefills = [2**i for i in range(5, limit.bit_length())]  # 32 .. the largest power of two <= limit
         decodes = [b for b in self.graphed_decode.buckets if b <= self.num_blocks]
         vocab = self.model.config.vocab_size
         steps = [(n, False) for n in prefills] + [(b, True) for b in decodes]
@@ -240,9 +241,9 @@ class Engine:
         total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
         findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds /
         prefill_device_seconds and the same for decode steps, i.e. steps that feed one token per sequence
-        (cumulative; seconds: wall time of forward + sampling, the step's device work included; device_seconds: on
-        CUDA, the GPU's time from the forward's first enqueued work to its end, 0 elsewhere). The wall time between
-        steps (scheduling, delivering tokens) is what their sum leaves of a run's duration."""
+        (cumulative; seconds: wall time from a step's launch until its tokens are read, so steps launched ahead
+        (decode_ahead) overlap; device_seconds: on CUDA, the GPU's time from the forward's first work to its end,
+        0 elsewhere)."""
         with self._cv:
             totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
                       for name, value in zip(("steps", "tokens", "seconds", "device_seconds"), values)}
@@ -477,7 +478,7 @@ class Engine:
             with torch.inference_mode():
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
-                tokens = _index(flat, self.model.device)
+                tokens = to_device(flat, self.model.device)
                 step = self._launch(batch, tokens, entries)
         except Exception as e:
             self._fail_all(batch, e)
@@ -555,7 +556,7 @@ class Engine:
             while len(req.tokens) + 1 > len(req.block_table) * self.block_size:
                 req.block_table.append(self.blocks.allocate())
             entries.append((req.block_table, len(req.tokens), len(req.tokens) + 1))
-        return _index(rows, self.model.device), [batch[i] for i in rows], entries
+        return to_device(rows, self.model.device), [batch[i] for i in rows], entries
 
     def _fail_all(self, batch: list[_Request], e: Exception) -> None:
         with self._cv:
@@ -571,7 +572,7 @@ class Engine:
         if self.graphed_decode is not None and len(tokens) == len(entries):
             return self.graphed_decode(tokens, entries)
         ends = itertools.accumulate(end - start for _, start, end in entries)  # packed row after each sequence
-        logits_rows = _index(list(ends), tokens.device) - 1
+        logits_rows = to_device(list(ends), tokens.device) - 1
         positions = self.cache.prepare(entries)
         try:
             return self.model(tokens, positions, self.cache, logits_rows=logits_rows)
@@ -592,29 +593,21 @@ class Engine:
             else:  # one batched call per distinct setting; seeded rows draw from their own generators
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         if greedy:
-            idx = _index(greedy, logits.device)
+            idx = to_device(greedy, logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for (temperature, top_k, top_p), rows in groups.items():
-            idx = _index(rows, logits.device)
+            idx = to_device(rows, logits.device)
             chosen[idx] = sample(logits[idx], temperature, top_k, top_p, [batch[i].generator for i in rows])
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]
         picked = top = None
         if want:
-            idx = _index(want, logits.device)
+            idx = to_device(want, logits.device)
             logp = torch.log_softmax(logits[idx].float(), dim=-1)
             picked = logp.gather(1, chosen[idx][:, None])[:, 0]
             k = max(batch[i].params.top_logprobs for i in want)
             if k > 0:
                 top = torch.topk(logp, k, dim=-1)
         return _SampledTokens(chosen, want, [batch[i].params.top_logprobs for i in want], picked, top)
-
-
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    """values as an int64 tensor on device, copied from pinned memory: a copy from pageable memory (what
-    torch.tensor(values, device=...) does) first waits for all work queued on the stream, which would stall the
-    host behind a decode step launched ahead."""
-    t = torch.tensor(values, dtype=torch.long)
-    return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t
 
 
 class _SampledTokens:
@@ -626,20 +619,15 @@ class _SampledTokens:
         self.want, self.top_counts = want, top_counts
         tensors = [tokens] + ([picked] if picked is not None else []) + ([top.values, top.indices] if top is not None
                                                                           else [])
-        self._host = [t.to("cpu", non_blocking=True) for t in tensors]
-        self._ready = None
-        if tokens.is_cuda:
-            self._ready = torch.cuda.Event()
-            self._ready.record()
+        self._host = HostCopy(*tensors)
 
     def read(self) -> list[TokenOutput]:
         """Waits for the copies (not for work enqueued after them) -> one TokenOutput per row."""
-        if self._ready is not None:
-            self._ready.synchronize()
-        outputs = [TokenOutput(token=t) for t in self._host[0].tolist()]
+        host = self._host.wait()
+        outputs = [TokenOutput(token=t) for t in host[0].tolist()]
         if self.want:
-            picked = self._host[1].tolist()
-            top_vals, top_ids = (self._host[2].tolist(), self._host[3].tolist()) if len(self._host) > 2 else (None, None)
+            picked = host[1].tolist()
+            top_vals, top_ids = (host[2].tolist(), host[3].tolist()) if len(host) > 2 else (None, None)
             for row, (i, k) in enumerate(zip(self.want, self.top_counts)):
                 outputs[i].logprob = picked[row]
                 if k > 0:

@@ -6,6 +6,7 @@ from pathlib import Path
 import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
+from gptoss.host_copy import HostCopy
 from gptoss.kernels import use_triton
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
@@ -96,10 +97,10 @@ class TokenGenerator:
             room = not (max_tokens and generated >= max_tokens) and self.cache.length < self.context_length
             ahead = room and self.graphed_decode is not None
             if ahead:  # GPU: enqueue the next step before reading this token, so the GPU never waits on the host
-                token_host, logprob_host, ready = self._copy_to_host(token, logprob)
+                copy = HostCopy(*([token] if logprob is None else [token, logprob]))
                 logits = self._decode(token)  # wasted only when this token turns out to be a stop token
-                ready.synchronize()
-                token, logprob = token_host, logprob_host
+                token, *rest = copy.wait()
+                logprob = rest[0] if rest else None
             token_id = int(token)
             yield (token_id, float(logprob)) if return_logprobs else token_id
             if token_id in stop or (max_tokens and generated >= max_tokens):
@@ -108,14 +109,6 @@ class TokenGenerator:
                 raise ContextLengthError(f"generation reached the context length of {self.context_length}")
             if not ahead:
                 logits = self._decode(token)
-
-    @staticmethod
-    def _copy_to_host(*tensors):
-        """Starts copies of the (device) tensors into pinned host memory -> (copies..., event marking their end)."""
-        copies = [None if t is None else t.to("cpu", non_blocking=True) for t in tensors]
-        ready = torch.cuda.Event()
-        ready.record()
-        return (*copies, ready)
 
     def _decode(self, token: torch.Tensor) -> torch.Tensor:
         """One step: token () -> logits (V,) for the next position."""
