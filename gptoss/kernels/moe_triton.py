@@ -131,10 +131,26 @@ if HAS_TRITON:
         return (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _swiglu(h_glu, h_lin, limit):
-        glu = tl.minimum(h_glu, limit)
-        lin = tl.minimum(tl.maximum(h_lin, -limit), limit)
-        return glu * tl.sigmoid(1.702 * glu) * (lin + 1.0)
+    def _round(v, DT: tl.constexpr):
+        """float32 v rounded to DT (the activation dtype) to nearest even, as float32 (a no-op for float32).
+        bfloat16 is rounded on the bits (exact for finite values): Triton 3.6's interpreter truncates a
+        float32 -> bfloat16 cast, which would make the CPU runs of these kernels round differently."""
+        if DT == tl.bfloat16:
+            bits = v.to(tl.uint32, bitcast=True)
+            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+            return bits.to(tl.float32, bitcast=True)
+        else:
+            return v.to(DT).to(tl.float32)
+
+    @triton.jit
+    def _swiglu(h_glu, h_lin, limit, DT: tl.constexpr):
+        """Clamped SwiGLU of float32 mlp1 outputs, rounded as the pure path's torch ops on DT tensors round:
+        h (F.linear's output), 1.702 * glu, its sigmoid, glu * sigmoid, lin + 1 and the product each to DT.
+        Returns float32 values that DT holds exactly."""
+        glu = tl.minimum(_round(h_glu, DT), limit)
+        lin = tl.minimum(tl.maximum(_round(h_lin, DT), -limit), limit)
+        gated = _round(glu * _round(tl.sigmoid(_round(1.702 * glu, DT)), DT), DT)
+        return _round(gated * _round(lin + 1.0, DT), DT)
 
     # ------------------------------------------------------------------------------------------------------
     # Decode: GEMV. Grid (M pairs, row blocks). Program (i, j) works only if pair i is the first pair of its
@@ -215,6 +231,7 @@ if HAS_TRITON:
         H: tl.constexpr,
         I: tl.constexpr,
         K_ROUTE: tl.constexpr,
+        ACT_DTYPE: tl.constexpr,  # the model's activation dtype (x arrives in float32): SwiGLU rounds through it
         MP: tl.constexpr,  # power of two >= M
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
@@ -237,7 +254,7 @@ if HAS_TRITON:
                 tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
                 h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K) + bias  # (R,)
                 glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
-                out = _swiglu(glu, lin, limit)
+                out = _swiglu(glu, lin, limit, ACT_DTYPE)
                 tl.store(act_ptr + p * I + units, out.to(act_ptr.dtype.element_ty), mask=units < I)
 
     @triton.jit
@@ -421,7 +438,7 @@ if HAS_TRITON:
 
         h = acc + tl.load(b_ptr + wrows, mask=wmask, other=0.0).to(tl.float32)[None, :]
         glu, lin = tl.split(tl.reshape(h, (BM, BN, 2)))
-        out = _swiglu(glu, lin, limit)  # (BM, BN)
+        out = _swiglu(glu, lin, limit, x_ptr.dtype.element_ty)  # (BM, BN)
         units = j * BN + tl.arange(0, BN)
         optr = act_ptr + rows.to(tl.int64)[:, None] * I + units[None, :]
         tl.store(optr, out.to(act_ptr.dtype.element_ty), mask=rmask[:, None] & (units < I)[None, :])
@@ -542,6 +559,9 @@ if HAS_TRITON:
         return _TUNED[name]
 
 
+_TL_DTYPES = {torch.bfloat16: tl.bfloat16, torch.float16: tl.float16, torch.float32: tl.float32} if HAS_TRITON else {}
+
+
 def _empty(shape, dtype, device) -> torch.Tensor:
     """Intermediate buffers (tests replace this with a NaN-filled allocation to prove every element is written)."""
     return torch.empty(shape, dtype=dtype, device=device)
@@ -644,6 +664,7 @@ def moe_triton(
         pdl = pdl_enabled(x)
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
             xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
+            ACT_DTYPE=_TL_DTYPES[x.dtype],
             launch_pdl=pdl, **c1)
         k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I,
                                                          MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
