@@ -104,7 +104,10 @@ class TritonPagedKVCache(PagedKVCache):
 class DecodeStep:
     """Static device metadata of a decode step for up to `max_batch` sequences, refilled before each replay:
     positions and slots (B,) int64, sequence lengths (B,) int32, block tables (B, max_blocks) int32.
-    Padding rows (up to the captured batch size) write to the scratch slot and read nothing (length 0)."""
+    Padding rows (up to the captured batch size) write to the scratch slot and read nothing (length 0).
+
+    The host side is staged in two pinned buffers used in turn, each reused only once its copies have run: the
+    engine fills step t+2's metadata while step t+1's copies may still wait on the stream (decode_ahead)."""
 
     def __init__(self, cache: TritonPagedKVCache, max_batch: int, max_context: int):
         self.cache = cache
@@ -113,7 +116,10 @@ class DecodeStep:
         shapes = {"positions": ((max_batch,), torch.int64), "slots": ((max_batch,), torch.int64),
                   "seq_lens": ((max_batch,), torch.int32), "block_table": ((max_batch, max_blocks), torch.int32)}
         pinned = cache.device.type == "cuda"
-        self.host = {name: torch.zeros(shape, dtype=dtype, pin_memory=pinned) for name, (shape, dtype) in shapes.items()}
+        self.staging = [{name: torch.zeros(shape, dtype=dtype, pin_memory=pinned) for name, (shape, dtype) in
+                         shapes.items()} for _ in range(2)]
+        self.copied = [None, None]  # per staging buffer: CUDA event after its last copies (None: free)
+        self.turn = 0
         self.device = {name: torch.zeros(shape, dtype=dtype, device=cache.device)
                        for name, (shape, dtype) in shapes.items()}
 
@@ -130,7 +136,10 @@ class DecodeStep:
         width = max(len(table) for table, _, _ in entries)
         tables = torch.tensor([list(table) + [0] * (width - len(table)) for table, _, _ in entries], dtype=torch.int32)
         starts = torch.tensor([start for _, start, _ in entries], dtype=torch.int64)
-        host = {name: t[:batch] for name, t in self.host.items()}
+        self.turn ^= 1
+        if self.copied[self.turn] is not None:
+            self.copied[self.turn].synchronize()  # normally long done: it is two steps old
+        host = {name: t[:batch] for name, t in self.staging[self.turn].items()}
         host["positions"][:n] = starts
         host["slots"][:n] = tables[torch.arange(n), starts // bs] * bs + starts % bs
         host["seq_lens"][:n] = (starts + 1).to(torch.int32)
@@ -140,6 +149,9 @@ class DecodeStep:
         host["seq_lens"][n:] = 0
         for name, t in host.items():
             self.device[name][:batch].copy_(t, non_blocking=True)
+        if self.cache.device.type == "cuda":
+            self.copied[self.turn] = torch.cuda.Event()
+            self.copied[self.turn].record()
 
 
 class DecodeStepView:

@@ -200,13 +200,14 @@ class Engine:
             raise EngineError("warm_up() must run before start()")
         limit = min(self.max_prefill_tokens, self.context_length, self.num_blocks * self.block_size)
         prefills = [2**i for i in range(5, limit.bit_length())]  # 32 .. the largest power of two <= limit
-        decodes = [b for b in self.graphed_decode.buckets if b <= self.num_blocks]
         vocab = self.model.config.vocab_size
-        steps = [(n, False) for n in prefills] + [(b, True) for b in decodes]
+        steps = [(n, False) for n in prefills] + [(b, True) for b in self.graphed_decode.buckets]
         for n, decode in tqdm(steps, desc="warming up", unit="step", disable=not progress):
-            blocks = [self.blocks.allocate() for _ in range(n if decode else self.blocks.blocks_for(n))]
+            # a decode warm-up row per sequence, sequences sharing blocks when there are fewer blocks than rows
+            blocks = [self.blocks.allocate() for _ in range(min(n, self.num_blocks) if decode
+                                                                else self.blocks.blocks_for(n))]
             try:
-                entries = [([b], 0, 1) for b in blocks] if decode else [(blocks, 0, n)]
+                entries = [([blocks[i % len(blocks)]], 0, 1) for i in range(n)] if decode else [(blocks, 0, n)]
                 with torch.inference_mode():
                     self._forward(torch.randint(vocab, (n,), device=self.model.device), entries)
             finally:
@@ -241,9 +242,9 @@ class Engine:
         total_blocks; cached_prefix_blocks (cumulative prefix-cache hits, in blocks); hashed_blocks (blocks now
         findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds /
         prefill_device_seconds and the same for decode steps, i.e. steps that feed one token per sequence
-        (cumulative; seconds: wall time from a step's launch until its tokens are read, so steps launched ahead
-        (decode_ahead) overlap; device_seconds: on CUDA, the GPU's time from the forward's first work to its end,
-        0 elsewhere)."""
+        (cumulative; tokens: fed, including the rows a step launched ahead computes for requests that stopped;
+        seconds: wall time from a step's launch until its tokens are read, so steps launched ahead (decode_ahead)
+        overlap; device_seconds: on CUDA, the GPU's time from the forward's first work to its end, 0 elsewhere)."""
         with self._cv:
             totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
                       for name, value in zip(("steps", "tokens", "seconds", "device_seconds"), values)}
@@ -541,9 +542,12 @@ class Engine:
         """(lock held) The next decode step of `batch`, planned before its tokens are known: the requests that
         continue unless their pending token is a stop token (not cancelled, below max_tokens), each feeding that
         token at position len(tokens), with the blocks it needs allocated now. None when the next step should be
-        scheduled instead: requests wait for admission, the engine stops, a block is missing (preemption is the
+        scheduled instead: the batch leaves out running requests (a prefill of the newly admitted only), requests
+        wait while the batch has room to admit them, the engine stops, a block is missing (preemption is the
         scheduler's), or nobody continues. -> (rows of `batch` that continue, those requests, their entries)."""
-        if self._waiting or self._stopping:
+        members = set(batch)
+        if (self._stopping or any(r not in members for r in self._running)
+                or (self._waiting and len(self._running) < self.max_batch_size)):
             return None
         rows = [i for i, r in enumerate(batch) if r.state == "running" and not r.cancelled
                 and r.num_generated + 1 < r.params.max_tokens]

@@ -92,7 +92,9 @@ class TokenGenerator:
         generated = 0
         while True:
             token = sample(logits[None], temperature, top_k, top_p, generator)[0]
-            logprob = torch.log_softmax(logits.float(), dim=-1)[token] if return_logprobs else None
+            logprob = None
+            if return_logprobs:  # gather, not [token]: indexing by a device scalar waits for the sampling
+                logprob = torch.log_softmax(logits.float(), dim=-1).gather(0, token.view(1))[0]
             generated += 1
             room = not (max_tokens and generated >= max_tokens) and self.cache.length < self.context_length
             ahead = room and self.graphed_decode is not None

@@ -133,6 +133,35 @@ def test_step_stats_count_prefill_and_decode_steps(engine_factory):
     assert s["prefill_device_seconds"] == s["decode_device_seconds"] == 0.0  # CPU: no device timing
 
 
+def test_a_one_token_prompt_does_not_starve_running_requests(engine_factory, reference):
+    """A request admitted with a single token to compute makes a step that looks like a decode step; it must not
+    run on alone (decode ahead chains only steps that cover every running request): the running request keeps
+    getting tokens meanwhile, and both outputs are what each gives alone."""
+    engine = engine_factory(max_batch_size=8)
+    order = []
+
+    async def run(name, prompt, max_tokens, a_running, wait):
+        if wait:
+            await a_running.wait()
+        tokens = []
+        async for out in engine.generate(prompt, greedy(max_tokens)):
+            order.append(name)
+            tokens.append(out.token)
+            if name == "A" and len(tokens) == 3:
+                a_running.set()
+        return tokens
+
+    async def main():
+        a_running = asyncio.Event()  # B arrives once A is decoding
+        return await asyncio.gather(run("A", list(range(10, 30)), 40, a_running, False),
+                                    run("B", [7], 20, a_running, True))
+
+    a_tokens, b_tokens = asyncio.run(main())
+    assert a_tokens == reference(list(range(10, 30)), 40) and b_tokens == reference([7], 20)
+    during_b = "".join(order)[order.index("B"):len(order) - order[::-1].index("B")]
+    assert during_b.count("A") >= 15  # A advances along with B (one token per step each), not after it
+
+
 def test_admission_control_and_preemption_with_tiny_cache(engine_factory, reference):
     # 24 blocks of 4 = 96 tokens; 12 requests of up to 40 + 20 tokens: only a couple fit at a time
     prompts = make_prompts(12, seed=2, min_len=20, max_len=40)
