@@ -473,8 +473,8 @@ class Engine:
                 self._fail_all(batch, e)
 
     def _step(self, batch: list[_Request]) -> None:
-        """Runs the scheduled step, then, while the batch keeps decoding and nothing waits for admission, the decode
-        steps launched ahead of it (see decode_ahead)."""
+        """Runs the scheduled step, then the decode steps launched ahead of it while _plan_ahead allows (see
+        decode_ahead)."""
         try:
             with torch.inference_mode():
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
@@ -501,7 +501,7 @@ class Engine:
         ahead = None
         try:
             with torch.inference_mode():
-                if self.decode_ahead and step.num_tokens == len(step.batch):
+                if self.decode_ahead and step.is_decode:
                     with self._cv:
                         plan = self._plan_ahead(step.batch)
                     if plan is not None:
@@ -512,7 +512,7 @@ class Engine:
             self._fail_all(step.batch, e)
             return None
         with self._cv:
-            totals = self._step_totals["decode" if step.num_tokens == len(step.batch) else "prefill"]
+            totals = self._step_totals["decode" if step.is_decode else "prefill"]
             totals[0] += 1
             totals[1] += step.num_tokens
             totals[2] += time.perf_counter() - step.started  # outputs were read: the device is done with it
@@ -551,14 +551,13 @@ class Engine:
             return None
         rows = [i for i, r in enumerate(batch) if r.state == "running" and not r.cancelled
                 and r.num_generated + 1 < r.params.max_tokens]
-        need = sum(max(0, self.blocks.blocks_for(len(batch[i].tokens) + 1) - len(batch[i].block_table)) for i in rows)
-        if not rows or need > self.blocks.num_free:
+        missing = [max(0, self.blocks.blocks_for(len(batch[i].tokens) + 1) - len(batch[i].block_table)) for i in rows]
+        if not rows or sum(missing) > self.blocks.num_free:
             return None
         entries = []
-        for i in rows:
+        for i, count in zip(rows, missing):
             req = batch[i]
-            while len(req.tokens) + 1 > len(req.block_table) * self.block_size:
-                req.block_table.append(self.blocks.allocate())
+            req.block_table.extend(self.blocks.allocate() for _ in range(count))
             entries.append((req.block_table, len(req.tokens), len(req.tokens) + 1))
         return to_device(rows, self.model.device), [batch[i] for i in rows], entries
 
@@ -621,8 +620,11 @@ class _SampledTokens:
     def __init__(self, tokens: torch.Tensor, want: list[int], top_counts: list[int], picked, top):
         self.tokens = tokens
         self.want, self.top_counts = want, top_counts
-        tensors = [tokens] + ([picked] if picked is not None else []) + ([top.values, top.indices] if top is not None
-                                                                          else [])
+        tensors = [tokens]
+        if picked is not None:
+            tensors.append(picked)
+        if top is not None:
+            tensors += [top.values, top.indices]
         self._host = HostCopy(*tensors)
 
     def read(self) -> list[TokenOutput]:
@@ -646,3 +648,7 @@ class _LaunchedStep:
     started: float  # perf_counter at launch
     span: _DeviceSpan
     sampled: _SampledTokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == len(self.batch)
