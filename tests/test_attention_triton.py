@@ -32,9 +32,12 @@ else:  # the real gpt-oss attention shape
     HQ, HKV = 64, 8
     PREFILL_KW = {}
     DECODE_KW = {}
-TOL = 1e-2
-# elementwise kernels: GPU casts round to nearest; the interpreter's float32 -> bf16 cast truncates (1 ulp low)
-EW_TOL = 1e-2 if INTERPRET else 4e-3
+# The kernels compute the reference's function: float32 scores and probabilities, P.V with P kept to ~16 bits
+# (two 16-bit parts), one rounding of the output. So nearly every output equals the reference's bits; the others
+# differ where float32 summation order or P's last bits cross a rounding boundary. (Rounding P to bf16 for one
+# MMA, as flash attention usually does, changed ~75% of the outputs.)
+TOL = 1e-3
+MAX_DIFFERING = 0.02
 
 
 def rel_err(out, ref):
@@ -48,7 +51,8 @@ def randn(*shape):
 def check(out, ref):
     assert not torch.isnan(out).any(), "output left unwritten (NaN poison) or NaN"
     err = rel_err(out, ref)
-    assert err <= TOL, f"relative error {err:.3g}"
+    differing = (out != ref).float().mean().item()
+    assert err <= TOL and differing <= MAX_DIFFERING, f"relative error {err:.3g}, {differing:.1%} of elements differ"
 
 
 def nan_like(shape):
@@ -325,11 +329,12 @@ def test_rope_and_cache_write(n, paged):
     q_ref = rope_reference(qkv[:, : HQ * D].view(n, HQ, D), cos, sin)
     k_ref = rope_reference(qkv[:, HQ * D : (HQ + HKV) * D].view(n, HKV, D), cos, sin)
     v_ref = qkv[:, (HQ + HKV) * D :].view(n, HKV, D)
-    assert rel_err(q, q_ref) <= EW_TOL and rel_err(k, k_ref) <= EW_TOL
+    # products and sums rounded where apply_rope's torch ops round them: the same bits
+    assert torch.equal(q, q_ref) and torch.equal(k, k_ref)
     k_flat, v_flat = kc.view(-1, HKV, D), vc.view(-1, HKV, D)
     written = slots[1:]
     if written.numel():
-        assert rel_err(k_flat[written], k_ref[1:]) <= EW_TOL
+        assert torch.equal(k_flat[written], k_ref[1:])
         assert torch.equal(v_flat[written], v_ref[1:])
     untouched = torch.ones(k_flat.shape[0], dtype=torch.bool, device=DEVICE)
     untouched[written] = False

@@ -5,6 +5,10 @@ scores s = q·k * sm_scale in fp32; one sink logit per query head joins the soft
 p_j = exp(s_j - m) / (exp(sink - m) + sum_i exp(s_i - m)); causal; optional sliding window W (query at position
 q sees keys q-W+1 .. q); query head h reads KV head h // (Hq // Hkv).
 
+Rounding as the reference: its scores, probabilities and P.V products are float32, so the kernels keep P to ~16
+bits (two 16-bit MMAs, see _pv_dot) instead of rounding it to bf16, and round only the output; RoPE rounds where
+apply_rope's torch ops round.
+
 - prefill_attention: flash attention (online softmax, fp32 accumulators, bf16 tensor-core dots) for ONE sequence
   whose queries sit at positions q_start .. q_start+N-1 and whose keys sit at k_start .. k_start+S-1. The G query
   heads sharing one KV head are packed into the rows of one tile, so each K/V tile is loaded once for all of them.
@@ -28,8 +32,23 @@ import triton.language as tl
 
 from gptoss.kernels import triton_interpreting
 from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
+from gptoss.kernels.rounding import round_to
 
 LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _pv_dot(p, v, acc, F32: tl.constexpr):
+    """acc + p @ v for float32 probabilities p (BLOCK, BLOCK_N) and 16-bit values v. The pure path multiplies
+    float32 probabilities; rounding p to bf16 for the tensor cores would move every output by up to half a bf16
+    ulp, so p is split into a 16-bit head and the 16-bit rounding of its remainder (two MMAs, ~16 significant
+    bits of p)."""
+    if F32:
+        return tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
+    else:
+        head = p.to(v.dtype)
+        rest = (p - head.to(tl.float32)).to(v.dtype)
+        return tl.dot(rest, v, tl.dot(head, v, acc))
 
 
 @triton.jit
@@ -80,7 +99,7 @@ def _prefill_block(
         v = tl.load(v_ptrs, mask=col_ok[:, None], other=0.0)
     else:
         v = tl.load(v_ptrs)
-    acc = _dot(p.to(v.dtype), v, acc, F32)
+    acc = _pv_dot(p, v, acc, F32)
     return acc, m_new, l_i
 
 
@@ -147,7 +166,7 @@ def _prefill_kernel(
     out = acc / l_i[:, None]
     tl.store(
         Out + tok[:, None] * stride_on + head[:, None] * stride_oh + d[None, :],
-        out.to(Out.dtype.element_ty),
+        round_to(out, Out.dtype.element_ty).to(Out.dtype.element_ty),
         mask=row_ok[:, None],
     )
 
@@ -287,14 +306,14 @@ def _decode_kernel(
         p = tl.math.exp2(qk - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_base + v_off[:, None] + d[None, :], mask=ok[:, None], other=0.0)  # (BLOCK_N, D)
-        acc = _dot(p.to(v.dtype), v, acc * alpha[:, None], F32)
+        acc = _pv_dot(p, v, acc * alpha[:, None], F32)
         m_i = m_new
 
     if DIRECT:
         out = acc / l_i[:, None]
         tl.store(
             Out + b * stride_ob + head[:, None] * stride_oh + d[None, :],
-            out.to(Out.dtype.element_ty),
+            round_to(out, Out.dtype.element_ty).to(Out.dtype.element_ty),
             mask=h_ok[:, None],
         )
     else:
@@ -325,7 +344,7 @@ def _decode_combine_kernel(
     w = tl.math.exp2(m - m_all)  # 0 for empty splits (m = -inf)
     denom = tl.sum(l * w, 0) + tl.math.exp2(sink - m_all)
     out = tl.sum(a * w[:, None], 0) / denom
-    tl.store(Out + b * stride_ob + head * stride_oh + d, out.to(Out.dtype.element_ty))
+    tl.store(Out + b * stride_ob + head * stride_oh + d, round_to(out, Out.dtype.element_ty).to(Out.dtype.element_ty))
 
 
 _NUM_SMS: dict = {}
@@ -450,8 +469,10 @@ def _rope_rows(X, Out, row_x, row_o, c, s, n_heads, HALF: tl.constexpr, BLOCK_H:
     off = h[:, None] * (2 * HALF) + i[None, :]
     x1 = tl.load(X + row_x + off, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(X + row_x + off + HALF, mask=ok, other=0.0).to(tl.float32)
-    o1 = x1 * c[None, :] - x2 * s[None, :]
-    o2 = x2 * c[None, :] + x1 * s[None, :]
+    # each product and the sum rounded to the activation dtype, as apply_rope's torch ops round them
+    DT: tl.constexpr = X.dtype.element_ty
+    o1 = round_to(round_to(x1 * c[None, :], DT) - round_to(x2 * s[None, :], DT), DT)
+    o2 = round_to(round_to(x2 * c[None, :], DT) + round_to(x1 * s[None, :], DT), DT)
     tl.store(Out + row_o + off, o1.to(Out.dtype.element_ty), mask=ok)
     tl.store(Out + row_o + off + HALF, o2.to(Out.dtype.element_ty), mask=ok)
     return o1, o2
@@ -468,8 +489,8 @@ def _rope_cache_kernel(
     wait_for_prior_kernel(PDL)
     i = tl.arange(0, HALF)
     # tables in fp32, applied in the activation dtype (as gptoss.model.apply_rope casts them)
-    c = tl.load(Cos + n * stride_cos + i).to(QKV.dtype.element_ty).to(tl.float32)
-    s = tl.load(Sin + n * stride_sin + i).to(QKV.dtype.element_ty).to(tl.float32)
+    c = round_to(tl.load(Cos + n * stride_cos + i), QKV.dtype.element_ty)
+    s = round_to(tl.load(Sin + n * stride_sin + i), QKV.dtype.element_ty)
     q_dim = n_heads * 2 * HALF
     kv_dim = n_kv_heads * 2 * HALF
     row = n * stride_qkv

@@ -61,6 +61,7 @@ try:  # triton is optional (the `gpu` extra); the reference path never needs it
     import triton.language as tl
 
     from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
+    from gptoss.kernels.rounding import round_to
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is missing or broken
@@ -131,26 +132,14 @@ if HAS_TRITON:
         return (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _round(v, DT: tl.constexpr):
-        """float32 v rounded to DT (the activation dtype) to nearest even, as float32 (a no-op for float32).
-        bfloat16 is rounded on the bits (exact for finite values): Triton 3.6's interpreter truncates a
-        float32 -> bfloat16 cast, which would make the CPU runs of these kernels round differently."""
-        if DT == tl.bfloat16:
-            bits = v.to(tl.uint32, bitcast=True)
-            bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-            return bits.to(tl.float32, bitcast=True)
-        else:
-            return v.to(DT).to(tl.float32)
-
-    @triton.jit
     def _swiglu(h_glu, h_lin, limit, DT: tl.constexpr):
         """Clamped SwiGLU of float32 mlp1 outputs, rounded as the pure path's torch ops on DT tensors round:
         h (F.linear's output), 1.702 * glu, its sigmoid, glu * sigmoid, lin + 1 and the product each to DT.
         Returns float32 values that DT holds exactly."""
-        glu = tl.minimum(_round(h_glu, DT), limit)
-        lin = tl.minimum(tl.maximum(_round(h_lin, DT), -limit), limit)
-        gated = _round(glu * _round(tl.sigmoid(_round(1.702 * glu, DT)), DT), DT)
-        return _round(gated * _round(lin + 1.0, DT), DT)
+        glu = tl.minimum(round_to(h_glu, DT), limit)
+        lin = tl.minimum(tl.maximum(round_to(h_lin, DT), -limit), limit)
+        gated = round_to(glu * round_to(tl.sigmoid(round_to(1.702 * glu, DT)), DT), DT)
+        return round_to(gated * round_to(lin + 1.0, DT), DT)
 
     # ------------------------------------------------------------------------------------------------------
     # Decode: GEMV. Grid (M pairs, row blocks). Program (i, j) works only if pair i is the first pair of its
