@@ -43,7 +43,7 @@ def _pv_dot(p, v, acc, F32: tl.constexpr):
     float32 probabilities; rounding p to bf16 for the tensor cores would move every output by up to half a bf16
     ulp, so p is split into a 16-bit head and the 16-bit rounding of its remainder (two MMAs, ~16 significant
     bits of p)."""
-    if F32:
+    if F32 or v.dtype == tl.float32:  # float32 models: one exact float32 dot (not tf32)
         return tl.dot(p, v.to(tl.float32), acc, input_precision="ieee")
     else:
         head = p.to(v.dtype)
