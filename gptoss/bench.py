@@ -45,6 +45,22 @@ def random_model(name: str, device: str, dtype: torch.dtype = torch.bfloat16) ->
     return model.eval()
 
 
+def decisive_routers(model):
+    """Random routers made decisive, for comparing two paths' numerics. With plain random routers a one-ulp
+    difference upstream often swaps a token's 4th and 5th expert, and each swap moves that token by O(1): the
+    comparison would measure routing chaos, not the kernels. Here each layer's bias favours 4 experts (a different
+    4 per layer) over token-dependent logits 20x smaller."""
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for block in model.block:
+            favoured = torch.randperm(model.config.num_experts, generator=gen)[: model.config.experts_per_token]
+            bias = torch.zeros(model.config.num_experts)
+            bias[favoured] = 2.0
+            block.mlp.gate.bias.copy_(bias)
+            block.mlp.gate.weight.mul_(0.05)
+    return model
+
+
 def _prompt(length: int, vocab: int) -> list[int]:
     return torch.randint(0, min(vocab, 199998), (length,), generator=torch.Generator().manual_seed(length)).tolist()
 

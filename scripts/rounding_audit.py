@@ -6,6 +6,7 @@ where the pure path does differs only where float32 summation order crosses a ro
 an op that rounds elsewhere differs in a large share of its elements.
 
     python scripts/rounding_audit.py [--layers 2] [--tokens 256]
+    python scripts/rounding_audit.py --sensitivity --tokens 512
 """
 
 import argparse
@@ -14,7 +15,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from gptoss.bench import random_model
+from gptoss.bench import decisive_routers, random_model
 from gptoss.config import RMS_NORM_EPS
 from gptoss.kernels.attention import attention_mask, sink_attention
 from gptoss.kernels.attention_triton import prefill_attention, rope_and_cache_write
@@ -86,9 +87,44 @@ def audit(layers: int, tokens: int) -> None:
         x = out
 
 
+@torch.inference_mode()
+def sensitivity(tokens: int, fractions=(1e-4, 1e-3, 1e-2)) -> None:
+    """How far the pure bf16 path's own logits move when a share of the first layer's inputs moves by one bf16 ulp
+    (what a kernel that rounds 0.1% of its outputs differently does): the floor for any two bf16 implementations
+    that are not bit-identical, next to the pure path against float32."""
+    os.environ["GPTOSS_KERNELS"] = "reference"
+    model = decisive_routers(random_model("gpt-oss-20b", "cuda"))  # as tests/test_fast_path.py compares
+    ids = torch.randint(0, 199998, (tokens,), generator=torch.Generator().manual_seed(0)).cuda()
+    base = model(ids).float()
+    top1 = base.argmax(-1)
+    for fraction in fractions:
+        chosen = torch.rand(tokens, model.config.hidden_size, device="cuda",
+                            generator=torch.Generator("cuda").manual_seed(1)) < fraction
+
+        def one_ulp_away(module, args, out, chosen=chosen):
+            return torch.where(chosen, (out.view(torch.int16) + 1).view(out.dtype), out)
+
+        handle = model.embedding.register_forward_hook(one_ulp_away)
+        moved = model(ids).float()
+        handle.remove()
+        error = ((moved - base).norm() / base.norm()).item()
+        agree = (moved.argmax(-1) == top1).float().mean().item()
+        print(f"pure bf16, {fraction:.2%} of layer-0 inputs one ulp away: logits relative error {error:.2e}, "
+              f"top-1 agreement {agree:.2%}")
+    del model
+    exact = decisive_routers(random_model("gpt-oss-20b", "cuda", dtype=torch.float32))(ids).float()
+    print(f"pure bf16 against pure float32: logits relative error {((base - exact).norm() / exact.norm()).item():.2e}, "
+          f"top-1 agreement {(exact.argmax(-1) == top1).float().mean().item():.2%}")
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--tokens", type=int, default=256)
+    parser.add_argument("--sensitivity", action="store_true", help="instead: the pure path's logits under one-ulp "
+                        "changes of a share of its first layer's inputs")
     args = parser.parse_args()
-    audit(args.layers, args.tokens)
+    if args.sensitivity:
+        sensitivity(args.tokens)
+    else:
+        audit(args.layers, args.tokens)

@@ -19,25 +19,9 @@ pytestmark = [
 ]
 pytest.importorskip("triton")
 
-from gptoss.bench import random_model  # noqa: E402
+from gptoss.bench import decisive_routers, random_model  # noqa: E402
 from gptoss.engine import Engine, SamplingParams  # noqa: E402
 from gptoss.generate import TokenGenerator  # noqa: E402
-
-
-def decisive_routers(model):
-    """With plain random routers a one-ulp difference upstream often swaps a token's 4th and 5th expert, and each
-    swap moves that token by O(1): the comparison would measure routing chaos, not the kernels. Here each layer's
-    bias favours 4 experts (a different 4 per layer) over token-dependent logits 20x smaller. The MoE kernel tests
-    cover diverse routing on their own."""
-    gen = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for block in model.block:
-            favoured = torch.randperm(model.config.num_experts, generator=gen)[: model.config.experts_per_token]
-            bias = torch.zeros(model.config.num_experts)
-            bias[favoured] = 2.0
-            block.mlp.gate.bias.copy_(bias)
-            block.mlp.gate.weight.mul_(0.05)
-    return model
 
 
 @pytest.fixture(scope="module")
