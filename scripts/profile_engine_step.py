@@ -1,14 +1,17 @@
 """Where a batched decode step of the engine goes on the GPU: graph replay time of one step for B sequences at a
-given context, then the per-kernel CUDA time of that step (profiled through the graph replay).
+given context, then the per-kernel CUDA time of that step (profiled through the graph replay), then what sampling
+B rows costs (greedy, one generator, a seeded generator per row as the engine's seeded requests draw).
 Usage: python scripts/profile_engine_step.py [--preset gpt-oss-20b] [--batch 64] [--context 1024]"""
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
 
 from gptoss.bench import random_model
 from gptoss.engine import Engine
+from gptoss.sampling import sample
 
 
 def main():
@@ -45,6 +48,30 @@ def main():
             engine._forward(tokens, entries)
             torch.cuda.synchronize()
     print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25))
+    profile_sampling(args.batch, vocab)
+
+
+def profile_sampling(batch: int, vocab: int) -> None:
+    logits = torch.randn(batch, vocab, device="cuda", dtype=torch.bfloat16)
+    generators = [torch.Generator("cuda").manual_seed(i) for i in range(batch)]
+    cases = {"greedy": lambda: logits.argmax(-1), "temperature 1, one generator": lambda: sample(logits, 1.0),
+             "temperature 1, a generator per row": lambda: sample(logits, 1.0, generator=generators),
+             "temperature 1, top_p 0.9, a generator per row": lambda: sample(logits, 1.0, top_p=0.9,
+                                                                             generator=generators)}
+    for name, run in cases.items():
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        host = time.perf_counter()
+        start.record()
+        for _ in range(20):
+            run()
+        end.record()
+        host = (time.perf_counter() - host) / 20
+        torch.cuda.synchronize()
+        print(f"sampling {batch} rows, {name}: {start.elapsed_time(end) / 20:.3f} ms on the GPU, "
+              f"{host * 1000:.3f} ms to enqueue")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,65 @@
+"""Sweep of tl.dot_scaled tile shapes for the MoE grouped GEMM at batched-decode sizes (16-64 tokens: every
+expert holds a handful of rows, so each call streams nearly all experts' packed bytes once and the GEMM is bound
+by how fast it reads and decodes them). Prints the graphed time of one layer call per tile and the best, next to
+the autotuned choice.
+
+  python scripts/moe_small_m_tiles.py [--tokens 32 64]
+"""
+
+import argparse
+import itertools
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+from bench_moe import make_layers, tokens  # noqa: E402
+from moe_crossover import graphed_us  # noqa: E402
+
+from gptoss.kernels import moe_triton as mt  # noqa: E402
+
+E, H, I, K = 32, 2880, 2880, 4
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64])
+    args = parser.parse_args()
+    layers = make_layers(4, E, H, I, "cuda")
+    expert_bytes = sum(t.numel() * t.element_size() for t in (layers[0][0].blocks, layers[0][0].scales,
+                                                              layers[0][2].blocks, layers[0][2].scales))
+    grid = [(bm, bn, bk, warps, stages) for bm, bn, bk in itertools.product([16, 32], [64, 128, 256], [128, 256])
+            for warps, stages in [(4, 3), (8, 4)]]
+    for n in args.tokens:
+        inputs = [tokens(n, E, H, K, "cuda") for _ in layers]
+
+        def call(config=None):
+            def run():
+                for (x, w, ids), (m1, b1, m2, b2) in zip(inputs, layers):
+                    mt.moe_triton(x, w, ids, m1.blocks, m1.scales, b1, m2.blocks, m2.scales, b2, 7.0,
+                                  path="gemm", config=config)
+            return run
+
+        auto = graphed_us(call()) / len(layers)
+        print(f"N={n}: autotuned {auto:.0f} us a layer call ({expert_bytes / auto / 1e6:.2f} TB/s over all experts)",
+              flush=True)
+        results = []
+        for bm, bn, bk, warps, stages in grid:
+            config = {"BM": bm, "BN": bn, "BK": bk, "SWAP": False, "SCALED": True, "num_warps": warps,
+                      "num_stages": stages}
+            try:
+                us = graphed_us(call(config)) / len(layers)
+            except Exception as e:  # out of shared memory or registers for this tile
+                print(f"  {config}: failed ({type(e).__name__})", flush=True)
+                continue
+            results.append((us, config))
+            print(f"  BM {bm} BN {bn} BK {bk} warps {warps} stages {stages}: {us:.0f} us", flush=True)
+        us, config = min(results, key=lambda r: r[0])
+        print(f"N={n}: best {us:.0f} us ({expert_bytes / us / 1e6:.2f} TB/s) with {config}; autotuned {auto:.0f}",
+              flush=True)
+
+
+if __name__ == "__main__":
+    main()
