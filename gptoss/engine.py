@@ -29,8 +29,9 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   recomputes what the prefix cache no longer holds and continues. Its sampler state is kept, so greedy and seeded
   outputs are unaffected. A request never exceeds what the whole cache can hold (checked up front), so the oldest
   running request always makes progress.
-- Sampling: per request, with its own params and (when seeded) its own torch.Generator; greedy rows and unseeded
-  rows with equal params are sampled batched. Logprobs are the log-softmax of the unscaled logits.
+- Sampling: per request, with its own params; rows with equal params are sampled in one call. Randomness is keyed
+  by (the request's seed, its draw count) (see gptoss.sampling), so seeded outputs equal the request run alone,
+  whatever the batch; unseeded requests get a random seed. Logprobs are the log-softmax of the unscaled logits.
 - Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe. An exception in a step
   fails the requests of that step (their generate iterator raises EngineError) and frees their blocks; the loop
   keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
@@ -58,7 +59,7 @@ from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
-from gptoss.sampling import sample
+from gptoss.sampling import random_seeds, sample
 
 MAX_TOP_LOGPROBS = 20
 
@@ -89,16 +90,17 @@ class TokenOutput:
 
 
 class _Request:
-    __slots__ = ("id", "tokens", "prompt_len", "params", "stop", "generator", "loop", "queue", "block_table",
+    __slots__ = ("id", "tokens", "prompt_len", "params", "stop", "seed", "draws", "loop", "queue", "block_table",
                  "block_hashes", "hash_memo", "num_computed", "num_generated", "cached_tokens", "state", "cancelled")
 
-    def __init__(self, rid, tokens, params, generator, loop):
+    def __init__(self, rid, tokens, params, seed, loop):
         self.id = rid
         self.tokens: list[int] = tokens  # prompt + generated so far
         self.prompt_len = len(tokens)
         self.params: SamplingParams = params
         self.stop = frozenset(int(t) for t in params.stop_token_ids)
-        self.generator = generator
+        self.seed = seed
+        self.draws = 0  # tokens sampled so far (steps launched ahead included): the next draw's index
         self.loop: asyncio.AbstractEventLoop = loop
         self.queue: asyncio.Queue = asyncio.Queue()
         self.block_table: list[int] = []
@@ -298,10 +300,8 @@ class Engine:
         ContextLengthError / GptOssError on the first iteration for a bad request (before anything is queued),
         EngineError if the engine fails the request. Stopping iteration early cancels the request."""
         prompt = self.check_request(prompt_tokens, params)
-        generator = None
-        if params.seed is not None:
-            generator = torch.Generator(device=self.model.device).manual_seed(int(params.seed))
-        req = _Request(next(self._ids), prompt, params, generator, asyncio.get_running_loop())
+        seed = int(params.seed) if params.seed is not None else int(random_seeds(1, "cpu"))
+        req = _Request(next(self._ids), prompt, params, seed, asyncio.get_running_loop())
         self.start()
         with self._cv:
             req.state = "waiting"
@@ -593,14 +593,17 @@ class Engine:
             p = req.params
             if p.temperature <= 0:
                 greedy.append(i)
-            else:  # one batched call per distinct setting; seeded rows draw from their own generators
+            else:  # one batched call per distinct setting, each row with its own seed and draw index
                 groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
         if greedy:
             idx = to_device(greedy, logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for (temperature, top_k, top_p), rows in groups.items():
-            idx = to_device(rows, logits.device)
-            chosen[idx] = sample(logits[idx], temperature, top_k, top_p, [batch[i].generator for i in rows])
+            idx, seeds, draws = to_device([rows, [batch[i].seed for i in rows], [batch[i].draws for i in rows]],
+                                          logits.device)
+            chosen[idx] = sample(logits[idx], temperature, top_k, top_p, seeds, draws)
+        for req in batch:
+            req.draws += 1
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]
         picked = top = None
         if want:

@@ -6,11 +6,11 @@ from pathlib import Path
 import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
-from gptoss.host_copy import HostCopy
+from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
-from gptoss.sampling import sample
+from gptoss.sampling import random_seeds, sample
 
 DEFAULT_CONTEXT_LENGTH = 8192
 
@@ -82,16 +82,16 @@ class TokenGenerator:
         prompt = [int(t) for t in prompt_tokens]
         self.check_request(prompt, max_tokens)
         stop = set(int(t) for t in stop_tokens)
-        generator = None
-        if seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(seed)
+        if seed is None:
+            seed = int(random_seeds(1, "cpu"))
         self.cache.reset()
         tokens = torch.tensor(prompt, device=self.device)
         last = torch.tensor([len(prompt) - 1], device=self.device)
         logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache, logits_rows=last)[0]
         generated = 0
         while True:
-            token = sample(logits[None], temperature, top_k, top_p, generator)[0]
+            seeds, draws = to_device([[seed], [generated]], logits.device) if temperature > 0 else (None, None)
+            token = sample(logits[None], temperature, top_k, top_p, seeds, draws)[0]
             logprob = None
             if return_logprobs:  # gather, not [token]: indexing by a device scalar waits for the sampling
                 logprob = torch.log_softmax(logits.float(), dim=-1).gather(0, token.view(1))[0]

@@ -1,8 +1,24 @@
-"""Token sampling on the device, without a host sync: temperature, top-k, top-p, seeded generators."""
+"""Token sampling on the device, without a host sync: temperature, top-k, top-p, and keyed randomness.
 
-from collections.abc import Sequence
+A row's randomness is a function of (seed, draw): the request's seed and how many tokens it drew before. So a
+request samples the same tokens alone or in any batch (and after a preemption), and a batch of rows with different
+seeds is one call. The sampler is the exponential race (Gumbel-max): with E_i ~ Exp(1) independent,
+argmax_i (logit_i / T - log E_i) = argmax_i p_i / E_i is token i with probability p_i = softmax(logits / T)_i, so no
+softmax is computed. On CUDA one Triton kernel reads the logits once and draws E from Philox keyed by
+(seed, draw, token id) (gptoss.kernels.sample_triton); the reference draws each row's E from a torch generator
+seeded from (seed, draw). The two are different streams (as torch's CPU and CUDA generators are) of one distribution.
+"""
 
 import torch
+
+from gptoss.kernels import use_triton
+
+SEED_BITS = 62  # seeds are non-negative and fit int64
+
+
+def random_seeds(count: int, device) -> torch.Tensor:
+    """Seeds for unseeded rows, from torch's default generator (torch.manual_seed makes them reproducible)."""
+    return torch.randint(2**SEED_BITS, (count,), device=device)
 
 
 def sample(
@@ -10,14 +26,22 @@ def sample(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
-    generator: torch.Generator | Sequence[torch.Generator | None] | None = None,
+    seeds: torch.Tensor | None = None,
+    draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
-    generator: one for the whole batch, or one per row (None: the default generator), so that a batch of seeded
-    requests samples in one call and each row draws exactly what it would draw alone."""
+    seeds, draws (B,) int64 on the logits' device: each row's seed and draw index (None: fresh random seeds,
+    draw 0)."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    if seeds is None:
+        seeds = random_seeds(logits.shape[0], logits.device)
+    if draws is None:
+        draws = torch.zeros_like(seeds)
+    inv_temperature = 1.0 / temperature
+    if top_k > 0 or top_p < 1.0:
+        logits = logits.float() * inv_temperature
+        inv_temperature = 1.0
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -27,18 +51,19 @@ def sample(
         # drop a token when the tokens ranked above it already reach top_p; the top token always stays
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = logits.softmax(dim=-1)
-    # exponential race (Gumbel-max in disguise): argmax(p / E) with E ~ Exp(1) samples from p without a sync
-    return (probs / _exponential_noise(probs, generator)).argmax(dim=-1)
+    if use_triton(logits):
+        from gptoss.kernels.sample_triton import exponential_race
+
+        return exponential_race(logits.contiguous(), inv_temperature, seeds, draws)
+    return exponential_race_reference(logits, inv_temperature, seeds, draws)
 
 
-def _exponential_noise(probs: torch.Tensor, generator) -> torch.Tensor:
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.empty_like(probs).exponential_(1, generator=generator)
-    noise = torch.empty_like(probs)
-    if any(g is None for g in generator):
-        noise.exponential_(1)
-    for row, g in zip(noise, generator, strict=True):
-        if g is not None:
-            row.exponential_(1, generator=g)
-    return noise
+def exponential_race_reference(logits: torch.Tensor, inv_temperature: float, seeds: torch.Tensor,
+                               draws: torch.Tensor) -> torch.Tensor:
+    """argmax_i (logits[r, i] * inv_temperature - log E_i), E ~ Exp(1) from a generator seeded by (seed, draw).
+    Reads the seeds on the host (a sync on GPUs; the CUDA path is the Triton kernel)."""
+    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
+    for row, seed, draw in zip(noise, seeds.tolist(), draws.tolist(), strict=True):
+        generator = torch.Generator(logits.device).manual_seed(hash((seed, draw)) % 2**SEED_BITS)
+        row.exponential_(1, generator=generator)
+    return (logits.float() * inv_temperature - noise.clamp_min(1e-12).log()).argmax(dim=-1)

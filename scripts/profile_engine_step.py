@@ -1,6 +1,6 @@
 """Where a batched decode step of the engine goes on the GPU: graph replay time of one step for B sequences at a
 given context, then the per-kernel CUDA time of that step (profiled through the graph replay), then what sampling
-B rows costs (greedy, one generator, a seeded generator per row as the engine's seeded requests draw).
+B rows costs (greedy; temperature 1 with each row's own seed, as the engine samples).
 Usage: python scripts/profile_engine_step.py [--preset gpt-oss-20b] [--batch 64] [--context 1024]"""
 
 import argparse
@@ -53,11 +53,11 @@ def main():
 
 def profile_sampling(batch: int, vocab: int) -> None:
     logits = torch.randn(batch, vocab, device="cuda", dtype=torch.bfloat16)
-    generators = [torch.Generator("cuda").manual_seed(i) for i in range(batch)]
-    cases = {"greedy": lambda: logits.argmax(-1), "temperature 1, one generator": lambda: sample(logits, 1.0),
-             "temperature 1, a generator per row": lambda: sample(logits, 1.0, generator=generators),
-             "temperature 1, top_p 0.9, a generator per row": lambda: sample(logits, 1.0, top_p=0.9,
-                                                                             generator=generators)}
+    seeds = torch.arange(batch, device="cuda")
+    cases = {"greedy": lambda: logits.argmax(-1),
+             "temperature 1, a seed per row": lambda: sample(logits, 1.0, seeds=seeds, draws=seeds),
+             "temperature 1, top_p 0.9, a seed per row": lambda: sample(logits, 1.0, top_p=0.9, seeds=seeds,
+                                                                        draws=seeds)}
     for name, run in cases.items():
         for _ in range(3):
             run()

@@ -66,30 +66,34 @@ def test_bad_prompts(generator):
 
 
 def test_top_k_and_top_p_restrict_the_candidates():
+    torch.manual_seed(0)
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
-    gen = torch.Generator().manual_seed(0)
-    assert set(sample(logits, 1.0, top_k=2, generator=gen).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, top_k=2).tolist()) == {0, 1}
     probs = logits[0].softmax(-1)  # 0.64, 0.24, ...: top_p 0.8 keeps the first two
     assert probs[0] < 0.8 < probs[0] + probs[1]
-    assert set(sample(logits, 1.0, top_p=0.8, generator=gen).tolist()) == {0, 1}
+    assert set(sample(logits, 1.0, top_p=0.8).tolist()) == {0, 1}
     assert set(sample(logits, 0.0).tolist()) == {0}
 
 
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
-    counts = torch.bincount(sample(logits, 1.0, generator=torch.Generator().manual_seed(1)), minlength=3)
+    counts = torch.bincount(sample(logits, 1.0, seeds=torch.arange(20000)), minlength=3)
     assert torch.allclose(counts / 20000, torch.tensor([0.5, 0.3, 0.2]), atol=0.02)
+    hot = torch.bincount(sample(logits, 0.5, seeds=torch.arange(20000)), minlength=3)  # softmax(2 log p)
+    assert torch.allclose(hot / 20000, torch.tensor([25.0, 9.0, 4.0]) / 38, atol=0.02)
 
 
-def test_per_row_generators_draw_what_each_row_draws_alone():
-    """A batch with one generator per row (the engine's seeded requests) samples each row as a call on that row
-    alone with its generator would; None rows use the default generator."""
+def test_keyed_rows_draw_what_each_row_draws_alone():
+    """Each row's draw depends only on its (seed, draw index): a batch samples every row as a call on that row
+    alone would (the engine's requests, whatever else runs), and the draw index moves the stream on."""
     logits = torch.randn(3, 50)
-    batched_gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
-    alone_gens = [torch.Generator().manual_seed(10 + i) for i in range(3)]
-    for _ in range(20):
-        batched = sample(logits, 1.3, top_k=20, generator=batched_gens)
-        alone = [sample(logits[i : i + 1], 1.3, top_k=20, generator=alone_gens[i])[0] for i in range(3)]
+    seeds = torch.tensor([10, 11, 12])
+    streams = []
+    for draw in range(20):
+        draws = torch.full((3,), draw)
+        batched = sample(logits, 1.3, top_k=20, seeds=seeds, draws=draws)
+        alone = [sample(logits[i : i + 1], 1.3, top_k=20, seeds=seeds[i : i + 1], draws=draws[i : i + 1])[0]
+                 for i in range(3)]
         assert batched.tolist() == [t.item() for t in alone]
-    mixed = sample(logits, 1.3, generator=[None, torch.Generator().manual_seed(10), None])
-    assert mixed.shape == (3,)
+        streams.append(batched.tolist())
+    assert len({tuple(row) for row in streams}) > 5
