@@ -30,8 +30,12 @@ def main():
     layers = make_layers(4, E, H, I, "cuda")
     expert_bytes = sum(t.numel() * t.element_size() for t in (layers[0][0].blocks, layers[0][0].scales,
                                                               layers[0][2].blocks, layers[0][2].scales))
-    grid = [(bm, bn, bk, warps, stages) for bm, bn, bk in itertools.product([16, 32], [64, 128, 256], [128, 256])
-            for warps, stages in [(4, 3), (8, 4)]]
+    # (BM, BN, BK, SWAP, SCALED, warps, stages): dot_scaled tiles near the autotuner's pick, and plain tl.dot tiles
+    # with the weights as the MMA's first operand (SWAP) against 16-token tiles
+    grid = [(16, 64, 128, False, True, 4, 3), (16, 64, 128, False, True, 4, 4), (16, 64, 64, False, True, 4, 4),
+            (16, 32, 128, False, True, 4, 3), (16, 64, 128, False, True, 2, 3)]
+    grid += [(16, bn, bk, True, False, warps, 3) for bn, bk in itertools.product([32, 64, 128], [64, 128])
+             for warps in (4, 8)]
     for n in args.tokens:
         inputs = [tokens(n, E, H, K, "cuda") for _ in layers]
 
@@ -46,8 +50,8 @@ def main():
         print(f"N={n}: autotuned {auto:.0f} us a layer call ({expert_bytes / auto / 1e6:.2f} TB/s over all experts)",
               flush=True)
         results = []
-        for bm, bn, bk, warps, stages in grid:
-            config = {"BM": bm, "BN": bn, "BK": bk, "SWAP": False, "SCALED": True, "num_warps": warps,
+        for bm, bn, bk, swap, scaled, warps, stages in grid:
+            config = {"BM": bm, "BN": bn, "BK": bk, "SWAP": swap, "SCALED": scaled, "num_warps": warps,
                       "num_stages": stages}
             try:
                 us = graphed_us(call(config)) / len(layers)
@@ -55,7 +59,8 @@ def main():
                 print(f"  {config}: failed ({type(e).__name__})", flush=True)
                 continue
             results.append((us, config))
-            print(f"  BM {bm} BN {bn} BK {bk} warps {warps} stages {stages}: {us:.0f} us", flush=True)
+            print(f"  BM {bm} BN {bn} BK {bk} SWAP {swap} SCALED {scaled} warps {warps} stages {stages}: {us:.0f} us",
+                  flush=True)
         us, config = min(results, key=lambda r: r[0])
         print(f"N={n}: best {us:.0f} us ({expert_bytes / us / 1e6:.2f} TB/s) with {config}; autotuned {auto:.0f}",
               flush=True)
