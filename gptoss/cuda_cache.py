@@ -92,9 +92,9 @@ class TritonPagedKVCache(PagedKVCache):
                 self.value_pools[layer].view(-1, n_kv, head_dim).index_copy_(0, step.slots, v)
             return decode_attention(q, self.key_pools[layer], self.value_pools[layer], sinks, step.seq_lens, window,
                                     sm_scale, block_table=step.block_table, max_context=step.max_context)
-        keys, values, _ = self.update(layer, k, v, positions, window)
+        keys, values = self.gather(layer, k, v, window)  # the Triton kernels mask by positions themselves
         out = torch.empty_like(q)
-        for (_, start, end), (q0, q1, k0, k1) in zip(self._step["entries"], self._keys_for(window)[2]):
+        for (_, start, end), (q0, q1, k0, k1) in zip(self._step["entries"], self._keys_for(window)[3]):
             first = end - (k1 - k0)  # position of the sequence's first gathered key
             out[q0:q1] = prefill_attention(q[q0:q1], keys[k0:k1], values[k0:k1], sinks, start, window, sm_scale,
                                            first)
@@ -107,7 +107,7 @@ class DecodeStep:
     Padding rows (up to the captured batch size) write to the scratch slot and read nothing (length 0).
 
     The host side is staged in two pinned buffers used in turn, each reused only once its copies have run: the
-    engine fills step t+2's metadata while step t+1's copies may still wait on the stream (decode_ahead)."""
+    engine fills step t+2's metadata while step t+1's copies may still wait on the stream (launch_ahead)."""
 
     def __init__(self, cache: TritonPagedKVCache, max_batch: int, max_context: int):
         self.cache = cache

@@ -142,14 +142,15 @@ class Engine:
     steps keep the MoE GEMM busier (on the H100, 64 requests of 1k tokens prefill in 1.4 s with 8192 against 1.8 s
     with 2048) at the cost of longer pauses for the running requests' decode.
     enable_prefix_caching: reuse computed full blocks across requests.
-    decode_ahead: launch each decode step before the previous step's tokens reach the host (they feed it on the
-    device), so that the GPU computes while the host delivers tokens and schedules. Default: on CUDA, where it hides
-    the host's per-step work; on the CPU the step would run before the tokens are delivered, delaying each by a step.
+    launch_ahead: launch each step before the previous step's tokens reach the host, so that the GPU computes while
+    the host delivers tokens and schedules: a decode step's tokens feed the next decode step on the device, and a
+    prefill step is followed by the prefill of more waiting requests. Default: on CUDA, where it hides the host's
+    per-step work; on the CPU the step would run before the tokens are delivered, delaying each by a step.
     """
 
     def __init__(self, model, *, max_batch_size: int = 64, context_length: int = 8192, block_size: int = 16,
                  num_blocks: int | None = None, max_prefill_tokens: int = 8192, enable_prefix_caching: bool = True,
-                 decode_ahead: bool | None = None):
+                 launch_ahead: bool | None = None):
         config = model.config
         if max_batch_size <= 0:
             raise GptOssError(f"max_batch_size must be positive, got {max_batch_size}")
@@ -170,7 +171,7 @@ class Engine:
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = BlockManager(num_blocks, block_size)
         self.graphed_decode = None
-        self.decode_ahead = model.device.type == "cuda" if decode_ahead is None else decode_ahead
+        self.launch_ahead = model.device.type == "cuda" if launch_ahead is None else launch_ahead
         if use_triton(model.embedding.weight):
             from gptoss.cuda_cache import TritonPagedKVCache
             from gptoss.cuda_graph import GraphedBatchDecode
@@ -245,7 +246,7 @@ class Engine:
         findable by prefix hash); preemptions (so far); prefill_steps / prefill_tokens / prefill_seconds /
         prefill_device_seconds and the same for decode steps, i.e. steps that feed one token per sequence
         (cumulative; tokens: fed, including the rows a step launched ahead computes for requests that stopped;
-        seconds: wall time from a step's launch until its tokens are read, so steps launched ahead (decode_ahead)
+        seconds: wall time from a step's launch until its tokens are read, so steps launched ahead (launch_ahead)
         overlap; device_seconds: on CUDA, the GPU's time from the forward's first work to its end, 0 elsewhere)."""
         with self._cv:
             totals = {f"{kind}_{name}": value for kind, values in self._step_totals.items()
@@ -404,6 +405,27 @@ class Engine:
         """Picks the next step's requests: newly admitted ones (a prefill) if any, else all running (a decode)."""
         for req in [r for r in self._running if r.cancelled]:
             self._finish(req)
+        admitted = self._admit()
+        if admitted:
+            return admitted
+        batch = []
+        for req in list(self._running):  # oldest first; the newest are preempted first
+            if req.state != "running":
+                continue
+            while len(req.tokens) > len(req.block_table) * self.block_size:
+                if self.blocks.num_free == 0:
+                    self._preempt(self._running[-1])
+                    if req.state != "running":
+                        break
+                else:
+                    req.block_table.append(self.blocks.allocate())
+            if req.state == "running":
+                batch.append(req)
+        return batch
+
+    def _admit(self) -> list[_Request]:
+        """(lock held) Admits waiting requests, first come first served, while the batch has room, the step's
+        prefill token budget lasts and their blocks are free -> them (the next step prefills them)."""
         admitted: list[_Request] = []
         budget = self.max_prefill_tokens
         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
@@ -428,23 +450,8 @@ class Engine:
             self._waiting.popleft()
             admitted.append(req)
             budget -= to_compute
-        if admitted:
-            self._running.extend(admitted)
-            return admitted
-        batch = []
-        for req in list(self._running):  # oldest first; the newest are preempted first
-            if req.state != "running":
-                continue
-            while len(req.tokens) > len(req.block_table) * self.block_size:
-                if self.blocks.num_free == 0:
-                    self._preempt(self._running[-1])
-                    if req.state != "running":
-                        break
-                else:
-                    req.block_table.append(self.blocks.allocate())
-            if req.state == "running":
-                batch.append(req)
-        return batch
+        self._running.extend(admitted)
+        return admitted
 
     # -- the step loop -----------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -473,19 +480,21 @@ class Engine:
                 self._fail_all(batch, e)
 
     def _step(self, batch: list[_Request]) -> None:
-        """Runs the scheduled step, then the decode steps launched ahead of it while _plan_ahead allows (see
-        decode_ahead)."""
+        """Runs the scheduled step, then the steps launched ahead of it while there are any (see launch_ahead)."""
+        step = self._launch_scheduled(batch)
+        while step is not None:
+            step = self._complete(step)
+
+    def _launch_scheduled(self, batch: list[_Request]) -> _LaunchedStep | None:
+        """Launches a step feeding each request's tokens from num_computed on; on an error fails the batch."""
         try:
             with torch.inference_mode():
                 entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
                 flat = [t for r in batch for t in r.tokens[r.num_computed :]]
-                tokens = to_device(flat, self.model.device)
-                step = self._launch(batch, tokens, entries)
+                return self._launch(batch, to_device(flat, self.model.device), entries)
         except Exception as e:
             self._fail_all(batch, e)
-            return
-        while step is not None:
-            step = self._complete(step)
+            return None
 
     def _launch(self, batch: list[_Request], tokens: torch.Tensor, entries) -> _LaunchedStep:
         """Enqueues a step's forward and sampling; its outputs are read later (_complete)."""
@@ -496,17 +505,23 @@ class Engine:
         return _LaunchedStep(batch, len(tokens), started, span, self._sample(batch, logits))
 
     def _complete(self, step: _LaunchedStep) -> _LaunchedStep | None:
-        """Launches the next decode step ahead if it can, then reads this step's tokens and delivers them.
-        Returns the step launched ahead."""
+        """Launches the next step ahead if it can (after a decode, the same batch's next decode; after a prefill,
+        a prefill of more waiting requests, which needs nothing from this one), then reads this step's tokens and
+        delivers them. Returns the step launched ahead."""
         ahead = None
         try:
             with torch.inference_mode():
-                if self.decode_ahead and step.is_decode:
+                if self.launch_ahead and step.is_decode:
                     with self._cv:
                         plan = self._plan_ahead(step.batch)
                     if plan is not None:
                         rows, batch, entries = plan
                         ahead = self._launch(batch, step.sampled.tokens[rows], entries)
+                elif self.launch_ahead:
+                    with self._cv:
+                        admitted = [] if self._stopping else self._admit()
+                    if admitted:
+                        ahead = self._launch_scheduled(admitted)
                 outputs = step.sampled.read()
         except Exception as e:
             self._fail_all(step.batch, e)

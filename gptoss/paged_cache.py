@@ -30,6 +30,7 @@ from collections.abc import Sequence
 import torch
 
 from gptoss.config import ModelConfig
+from gptoss.host_copy import to_device
 from gptoss.kernels.attention import attention_mask, sink_attention
 
 
@@ -148,7 +149,8 @@ class PagedKVCache:
     def prepare(self, entries: Sequence[tuple[Sequence[int], int, int]]) -> torch.Tensor:
         """Sets up one step. entries: per sequence (block_table, start, end): the step feeds its tokens at positions
         start..end-1 (keys/values of 0..start-1 are already in the cache). The block tables must cover `end`.
-        Returns the (N,) positions of the packed tokens, in entry order."""
+        Returns the (N,) positions of the packed tokens, in entry order. The metadata goes to the device by
+        pinned copies that do not wait for work already queued (the engine may launch a step ahead)."""
         bs = self.block_size
         positions, seq_ids, slots, tables = [], [], [], []
         for i, (table, start, end) in enumerate(entries):
@@ -160,15 +162,16 @@ class PagedKVCache:
             seq_ids.append(torch.full((end - start,), i, dtype=torch.long))
             slots.append(table_t[pos // bs] * bs + pos % bs)
             tables.append(table_t)
-        dev = self.device
+        positions, seq_ids, slots = to_device(torch.stack([torch.cat(positions), torch.cat(seq_ids),
+                                                          torch.cat(slots)]), self.device)  # (3, N)
         self._step = {
             "entries": [(tables[i], start, end) for i, (_, start, end) in enumerate(entries)],
-            "positions": torch.cat(positions).to(dev),
-            "seq_ids": torch.cat(seq_ids).to(dev),
-            "slots": torch.cat(slots).to(dev),
+            "positions": positions,
+            "seq_ids": seq_ids,
+            "slots": slots,
         }
         self._keys_by_window = {}
-        return self._step["positions"]
+        return positions
 
     def finish(self) -> None:
         """Drops the step's metadata."""
@@ -176,8 +179,9 @@ class PagedKVCache:
         self._keys_by_window = {}
 
     def _keys_for(self, window: int | None):
-        """(key slots (S,), mask (N, S), per-sequence (q0, q1, k0, k1) row/column ranges) for layers with this
-        window; built once per step and window."""
+        """(key slots (S,), key positions (S,), key sequence ids (S,), per-sequence (q0, q1, k0, k1) row/column
+        ranges) for layers with this window: the keys of every sequence that its queries may see, in order; built
+        once per step and window."""
         if window in self._keys_by_window:
             return self._keys_by_window[window]
         step, bs = self._step, self.block_size
@@ -191,18 +195,22 @@ class PagedKVCache:
             key_slots.append(table[pos // bs] * bs + pos % bs)
             ranges.append((q0, q0 + end - start, k0, k0 + end - first))
             q0, k0 = q0 + end - start, k0 + end - first
-        dev = self.device
-        key_slots = torch.cat(key_slots).to(dev)
-        mask = attention_mask(step["positions"], torch.cat(key_pos).to(dev), window, step["seq_ids"],
-                              torch.cat(key_seq).to(dev))
-        self._keys_by_window[window] = (key_slots, mask, ranges)
+        metadata = to_device(torch.stack([torch.cat(key_slots), torch.cat(key_pos), torch.cat(key_seq)]), self.device)
+        self._keys_by_window[window] = (*metadata, ranges)
         return self._keys_by_window[window]
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, window: int | None):
-        """k, v (N, Hkv, D) of the step's tokens -> (keys (S, Hkv, D), values, mask (N, S)) over the step's sequences."""
+        """k, v (N, Hkv, D) of the step's tokens -> (keys (S, Hkv, D), values, mask (N, S)) over the step's
+        sequences."""
+        keys, values = self.gather(layer, k, v, window)
+        _, key_pos, key_seq, _ = self._keys_for(window)
+        return keys, values, attention_mask(self._step["positions"], key_pos, window, self._step["seq_ids"], key_seq)
+
+    def gather(self, layer: int, k: torch.Tensor, v: torch.Tensor, window: int | None):
+        """Stores k, v (N, Hkv, D) and returns the keys and values (S, Hkv, D) the step's queries may see."""
         flat_k, flat_v = self.write(layer, k, v)
-        key_slots, mask, _ = self._keys_for(window)
-        return flat_k[key_slots], flat_v[key_slots], mask
+        key_slots = self._keys_for(window)[0]
+        return flat_k[key_slots], flat_v[key_slots]
 
     def write(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Stores the step's k, v (N, Hkv, D) in their slots; returns the layer's pools flattened to slots."""
@@ -221,7 +229,7 @@ class PagedKVCache:
         A step that prefills several sequences runs attention per sequence (the cost is then sum N_i x S_i rather
         than N x S over the packed step); a decode step (one token per sequence) runs one masked call."""
         keys, values, mask = self.update(layer, k, v, positions, window)
-        ranges = self._keys_for(window)[2]
+        ranges = self._keys_for(window)[3]
         if len(ranges) == 1 or q.shape[0] == len(ranges):
             return sink_attention(q, keys, values, sinks, mask, sm_scale)
         out = torch.empty_like(q)

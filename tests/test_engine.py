@@ -80,7 +80,7 @@ def wait_idle(engine, timeout=5.0):
     raise AssertionError(f"engine did not become idle: {engine.stats()}")
 
 
-@pytest.fixture(params=[False, True], ids=["in_turn", "decode_ahead"])
+@pytest.fixture(params=[False, True], ids=["in_turn", "launch_ahead"])
 def engine_factory(model, request):
     """Engines in both step modes: each step scheduled after the previous one's tokens are delivered, and decode
     steps launched ahead of that (the GPU default, run here on the CPU to check its bookkeeping)."""
@@ -89,7 +89,7 @@ def engine_factory(model, request):
     def make(**kw):
         kw.setdefault("context_length", 512)
         kw.setdefault("block_size", 4)
-        kw.setdefault("decode_ahead", request.param)
+        kw.setdefault("launch_ahead", request.param)
         e = Engine(model, **kw)
         e.start()
         engines.append(e)
