@@ -32,9 +32,9 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
 - Sampling: per request, with its own params; rows with equal params are sampled in one call. Randomness is keyed
   by (the request's seed, its draw count) (see gptoss.sampling), so seeded outputs equal the request run alone,
   whatever the batch; unseeded requests get a random seed. Logprobs are the log-softmax of the unscaled logits.
-- Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe. An exception in a step
-  fails the requests of that step (their generate iterator raises EngineError) and frees their blocks; the loop
-  keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
+- Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe, a step's results to
+  one event loop in one call. An exception in a step fails the requests of that step (their generate iterator
+  raises EngineError) and frees their blocks; the loop keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
   request and frees its blocks.
 - Compute: `_forward` runs a step. On the CPU the pure model runs through PagedKVCache, whose attention over a
   packed step costs O(step tokens x gathered keys). On CUDA, gptoss.cuda_cache.TritonPagedKVCache runs the Triton
@@ -339,8 +339,18 @@ class Engine:
         req.state = "done"
 
     def _emit(self, req: _Request, item) -> bool:
+        return self._emit_all(req.loop, [(req, item)])
+
+    @staticmethod
+    def _emit_all(loop: asyncio.AbstractEventLoop, items: list) -> bool:
+        """Puts each (request, item) into its request's queue with one wake-up of their event loop (a step's
+        tokens: one per request), not one each. False when the loop is closed."""
+        def put_all():
+            for req, item in items:
+                req.queue.put_nowait(item)
+
         try:
-            req.loop.call_soon_threadsafe(req.queue.put_nowait, item)
+            loop.call_soon_threadsafe(put_all)
             return True
         except RuntimeError:  # its event loop is closed: nobody is listening
             return False
@@ -532,6 +542,7 @@ class Engine:
             totals[1] += step.num_tokens
             totals[2] += time.perf_counter() - step.started  # outputs were read: the device is done with it
             totals[3] += step.span.seconds()
+            deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, TokenOutput]]] = {}
             for req, out in zip(step.batch, outputs):
                 if req.state != "running":  # finished, failed or preempted (a step launched ahead may hold it)
                     continue
@@ -548,9 +559,14 @@ class Engine:
                     out.finish_reason = "length"
                 if req.num_generated == 1:
                     out.cached_tokens = req.cached_tokens
-                delivered = self._emit(req, out)
-                if out.finish_reason is not None or not delivered:
+                deliveries.setdefault(req.loop, []).append((req, out))
+                if out.finish_reason is not None:
                     self._finish(req)
+            for loop, items in deliveries.items():
+                if not self._emit_all(loop, items):  # nobody is listening
+                    for req, _ in items:
+                        if req.state == "running":
+                            self._finish(req)
         return ahead
 
     def _plan_ahead(self, batch: list[_Request]):
