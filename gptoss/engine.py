@@ -34,8 +34,8 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   whatever the batch; unseeded requests get a random seed. Logprobs are the log-softmax of the unscaled logits.
 - Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe, a step's results to
   one event loop in one call. An exception in a step fails the requests of that step (their generate iterator
-  raises EngineError) and frees their blocks; the loop keeps running. A consumer that stops iterating (aclose, task cancellation, client disconnect) cancels its
-  request and frees its blocks.
+  raises EngineError) and frees their blocks; the loop keeps running. A consumer that stops iterating (aclose,
+  task cancellation, client disconnect) cancels its request and frees its blocks.
 - Compute: `_forward` runs a step. On the CPU the pure model runs through PagedKVCache, whose attention over a
   packed step costs O(step tokens x gathered keys). On CUDA, gptoss.cuda_cache.TritonPagedKVCache runs the Triton
   kernels (flash prefill per sequence, split-K decode reading the pools through the block tables), the MoE runs
