@@ -632,7 +632,10 @@ class Engine:
         for (temperature, top_k, top_p), rows in groups.items():
             idx, seeds, draws = to_device([rows, [batch[i].seed for i in rows], [batch[i].draws for i in rows]],
                                           logits.device)
-            chosen[idx] = sample(logits[idx], temperature, top_k, top_p, seeds, draws)
+            if len(rows) == n:  # every row alike (the common case): no gather of (B, V) logits, no scatter
+                chosen = sample(logits, temperature, top_k, top_p, seeds, draws)
+            else:
+                chosen[idx] = sample(logits[idx], temperature, top_k, top_p, seeds, draws)
         for req in batch:
             req.draws += 1
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]

@@ -15,6 +15,7 @@ from gptoss.experts import MXFP4Experts  # noqa: E402
 from gptoss.kernels.moe import moe, route, swiglu  # noqa: E402
 from gptoss.kernels.moe_triton import (  # noqa: E402
     _dot_configs,
+    _gemv_configs,
     _fp4_unscaled,
     _scale_value,
     _swiglu,
@@ -228,6 +229,16 @@ def test_gpu_small_shapes(N):
 @pytest.mark.parametrize("N", [1, 2, 5, 8])
 def test_gpu_both_paths_decode_sizes(N, path):
     check(N, E=32, H=2880, I=2880, K=4, device="cuda", path=path, seed=10 + N)
+
+
+@gpu_only
+@pytest.mark.parametrize("index", range(len(_gemv_configs("BLOCK_H", False))))
+def test_gpu_every_gemv_tile_candidate(index):
+    """The GEMV autotuner may pick any candidate: each must compute the same function (decode sizes, real shapes)."""
+    mlp1, mlp2 = _gemv_configs("BLOCK_U", True)[index], _gemv_configs("BLOCK_H", False)[index]
+    config = {"BLOCK_U": mlp1.kwargs["BLOCK_U"], "BLOCK_H": mlp2.kwargs["BLOCK_H"], "BLOCK_K": mlp2.kwargs["BLOCK_K"],
+              "num_warps": mlp2.num_warps}
+    check(3, E=32, H=2880, I=2880, K=4, device="cuda", path="gemv", seed=80 + index, config=config)
 
 
 @gpu_only

@@ -504,7 +504,7 @@ if HAS_TRITON:
     def _gemv_configs(rows_name: str, pairs: bool) -> list:
         out = []
         for rows, bk, warps in [(32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (16, 512, 4),
-                                (128, 256, 8)]:
+                                (128, 256, 8), (16, 256, 2), (32, 256, 2)]:
             out.append(triton.Config({rows_name: rows // 2 if pairs else rows, "BLOCK_K": bk}, num_warps=warps,
                                      num_stages=1))
         return out
@@ -515,7 +515,8 @@ if HAS_TRITON:
         # with 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are
         # padding). With bf16 activations (scaled): three tl.dot_scaled tiles, the best at 64 and 1024 tokens
         # (the dot_scaled experiment, see the module docstring: at 64 tokens 1.3x faster than the others, at 1024
-        # on a par).
+        # on a par), and a 2-warp 16-row tile (scripts/moe_small_m_tiles.py: 302 us a layer call at 64 tokens
+        # against 332 for the best 4-warp tile).
         cands = [(128, 64, 64, 1, 0, 8, 3), (64, 64, 64, 1, 0, 4, 3), (128, 64, 64, 0, 0, 8, 3),
                  (64, 64, 64, 0, 0, 4, 3), (32, 64, 128, 1, 0, 4, 4), (32, 128, 64, 1, 0, 4, 4)] \
             if mlp1 else \
@@ -523,7 +524,8 @@ if HAS_TRITON:
              (64, 128, 64, 1, 0, 4, 3), (32, 128, 128, 1, 0, 4, 4), (32, 256, 64, 1, 0, 8, 3)]
         if scaled:
             bn = 64 if mlp1 else 128
-            cands += [(16, bn, 128, 0, 1, 4, 4), (32, bn, 128, 0, 1, 4, 4), (64, bn, 128, 0, 1, 4, 3)]
+            cands += [(16, bn, 128, 0, 1, 4, 4), (32, bn, 128, 0, 1, 4, 4), (64, bn, 128, 0, 1, 4, 3),
+                      (16, 64, 128, 0, 1, 2, 3)]
         return [triton.Config({"BM": bm, "BN": bn, "BK": bk, "SWAP": bool(sw), "SCALED": bool(sc)}, num_warps=w,
                               num_stages=s)
                 for bm, bn, bk, sw, sc, w, s in cands]
