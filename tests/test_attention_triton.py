@@ -32,12 +32,14 @@ else:  # the real gpt-oss attention shape
     HQ, HKV = 64, 8
     PREFILL_KW = {}
     DECODE_KW = {}
-# The kernels compute the reference's function: float32 scores and probabilities, P.V with P kept to ~16 bits
-# (two 16-bit parts), one rounding of the output. So nearly every output equals the reference's bits; the others
-# differ where float32 summation order or P's last bits cross a rounding boundary. (Rounding P to bf16 for one
-# MMA, as flash attention usually does, changed ~75% of the outputs.)
+# Decode computes the reference's function: float32 scores and probabilities, P.V with P kept to ~16 bits (two
+# 16-bit parts), one rounding of the output. So nearly every output equals the reference's bits; the others differ
+# where float32 summation order or P's last bits cross a rounding boundary (rounding P to bf16 for one MMA changed
+# ~75% of them). Prefill rounds P to bf16 for its MMA on the GPU: within half a bf16 ulp of P, not bit-equal.
+# (The interpreter multiplies in float32: both kernels are then held to the tight bounds.)
 TOL = 1e-3
 MAX_DIFFERING = 0.02
+PREFILL_TOL, PREFILL_MAX_DIFFERING = (TOL, MAX_DIFFERING) if INTERPRET else (5e-3, 1.0)
 
 
 def rel_err(out, ref):
@@ -48,11 +50,15 @@ def randn(*shape):
     return torch.randn(*shape, device=DEVICE, dtype=DT)
 
 
-def check(out, ref):
+def check(out, ref, tol=TOL, max_differing=MAX_DIFFERING):
     assert not torch.isnan(out).any(), "output left unwritten (NaN poison) or NaN"
     err = rel_err(out, ref)
     differing = (out != ref).float().mean().item()
-    assert err <= TOL and differing <= MAX_DIFFERING, f"relative error {err:.3g}, {differing:.1%} of elements differ"
+    assert err <= tol and differing <= max_differing, f"relative error {err:.3g}, {differing:.1%} of elements differ"
+
+
+def check_prefill(out, ref):
+    check(out, ref, PREFILL_TOL, PREFILL_MAX_DIFFERING)
 
 
 def nan_like(shape):
@@ -93,7 +99,7 @@ def test_prefill_matches_reference(n, q_start, k_start, window):
     q_pos = torch.arange(q_start, q_start + n, device=DEVICE)
     k_pos = torch.arange(k_start, k_start + s, device=DEVICE)
     ref = sink_attention(q, k, v, sinks, attention_mask(q_pos, k_pos, window), SM_SCALE)
-    check(out, ref)
+    check_prefill(out, ref)
 
 
 def test_prefill_strided_qkv_views_and_default_scale():
@@ -107,7 +113,7 @@ def test_prefill_strided_qkv_views_and_default_scale():
     sinks = randn(HQ)
     out = prefill_attention(q, k, v, sinks, window=16, **PREFILL_KW)  # sm_scale defaults to 1/sqrt(D)
     pos = torch.arange(n, device=DEVICE)
-    check(out, sink_attention(q, k, v, sinks, attention_mask(pos, pos, 16), SM_SCALE))
+    check_prefill(out, sink_attention(q, k, v, sinks, attention_mask(pos, pos, 16), SM_SCALE))
 
 
 def test_prefill_large_sinks_and_scores():
@@ -121,7 +127,7 @@ def test_prefill_large_sinks_and_scores():
     ref = sink_attention(q, k, v, sinks, attention_mask(pos, pos, None), SM_SCALE)
     assert not torch.isnan(out).any()
     # heads whose sink dominates have ~0 output: compare absolute error against the overall scale
-    assert (out.float() - ref.float()).norm() / ref.float().norm() <= TOL
+    assert (out.float() - ref.float()).norm() / ref.float().norm() <= PREFILL_TOL
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -302,7 +308,7 @@ def test_decode_matches_prefill_last_row():
         pre = prefill_attention(q, k, v, sinks, 0, window, SM_SCALE, **PREFILL_KW)
         seq_lens = torch.tensor([n], device=DEVICE, dtype=torch.int32)
         dec = decode_attention(q[-1:], k[None], v[None], sinks, seq_lens, window, SM_SCALE, **DECODE_KW)
-        check(dec, pre[-1:])
+        check_prefill(dec, pre[-1:])
 
 
 # --------------------------------------------------------------------------------------------------------------------
