@@ -515,7 +515,7 @@ if HAS_TRITON:
         # with 32-row tiles for batched decode (16-64 tokens: a handful of rows per expert, so big row tiles are
         # padding). With bf16 activations (scaled): three tl.dot_scaled tiles, the best at 64 and 1024 tokens
         # (the dot_scaled experiment, see the module docstring: at 64 tokens 1.3x faster than the others, at 1024
-        # on a par), and a 2-warp 16-row tile (scripts/moe_small_m_tiles.py: 302 us a layer call at 64 tokens
+        # on a par), and a 2-warp 16-row tile (scripts/moe_tiles.py: 302 us a layer call at 64 tokens
         # against 332 for the best 4-warp tile).
         cands = [(128, 64, 64, 1, 0, 8, 3), (64, 64, 64, 1, 0, 4, 3), (128, 64, 64, 0, 0, 8, 3),
                  (64, 64, 64, 0, 0, 4, 3), (32, 64, 128, 1, 0, 4, 4), (32, 128, 64, 1, 0, 4, 4)] \

@@ -1,9 +1,11 @@
-"""Sweep of tl.dot_scaled tile shapes for the MoE grouped GEMM at batched-decode sizes (16-64 tokens: every
-expert holds a handful of rows, so each call streams nearly all experts' packed bytes once and the GEMM is bound
-by how fast it reads and decodes them). Prints the graphed time of one layer call per tile and the best, next to
-the autotuned choice.
+"""Sweep of tile shapes for the MoE grouped GEMM, one fixed config for both kernels against the autotuned pair.
+Prints the graphed time of one layer call per tile and the best, next to the autotuned choice.
 
-  python scripts/moe_small_m_tiles.py [--tokens 32 64]
+  --sizes decode (default: 32 and 64 tokens, batched decode: every expert holds a handful of rows, so each call
+  streams nearly all experts' packed bytes once and is bound by reading and decoding them);
+  --sizes prefill (1,024 tokens: ~128 rows an expert, bound by the MMAs and the in-register decode).
+
+  python scripts/moe_tiles.py [--sizes decode|prefill]
 """
 
 import argparse
@@ -25,18 +27,24 @@ E, H, I, K = 32, 2880, 2880, 4
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokens", type=int, nargs="+", default=[32, 64])
+    parser.add_argument("--sizes", choices=["decode", "prefill"], default="decode")
     args = parser.parse_args()
     layers = make_layers(4, E, H, I, "cuda")
     expert_bytes = sum(t.numel() * t.element_size() for t in (layers[0][0].blocks, layers[0][0].scales,
                                                               layers[0][2].blocks, layers[0][2].scales))
-    # (BM, BN, BK, SWAP, SCALED, warps, stages): dot_scaled tiles near the autotuner's pick, and plain tl.dot tiles
-    # with the weights as the MMA's first operand (SWAP) against 16-token tiles
-    grid = [(16, 64, 128, False, True, 4, 3), (16, 64, 128, False, True, 4, 4), (16, 64, 64, False, True, 4, 4),
-            (16, 32, 128, False, True, 4, 3), (16, 64, 128, False, True, 2, 3)]
-    grid += [(16, bn, bk, True, False, warps, 3) for bn, bk in itertools.product([32, 64, 128], [64, 128])
-             for warps in (4, 8)]
-    for n in args.tokens:
+    # (BM, BN, BK, SWAP, SCALED, warps, stages)
+    if args.sizes == "decode":  # dot_scaled tiles near the autotuner's pick, and plain tl.dot tiles with the
+        # weights as the MMA's first operand (SWAP) against 16-token tiles
+        sizes = [32, 64]
+        grid = [(16, 64, 128, False, True, 4, 3), (16, 64, 128, False, True, 4, 4), (16, 64, 64, False, True, 4, 4),
+                (16, 32, 128, False, True, 4, 3), (16, 64, 128, False, True, 2, 3)]
+        grid += [(16, bn, bk, True, False, warps, 3) for bn, bk in itertools.product([32, 64, 128], [64, 128])
+                 for warps in (4, 8)]
+    else:  # dot_scaled tiles of 64-128 rows
+        sizes = [1024]
+        grid = [(bm, bn, 128, False, True, warps, stages) for bm, bn in itertools.product([64, 128], [64, 128, 256])
+                for warps, stages in [(4, 3), (8, 3), (8, 4)]]
+    for n in sizes:
         inputs = [tokens(n, E, H, K, "cuda") for _ in layers]
 
         def call(config=None):
@@ -47,8 +55,9 @@ def main():
             return run
 
         auto = graphed_us(call()) / len(layers)
-        print(f"N={n}: autotuned {auto:.0f} us a layer call ({expert_bytes / auto / 1e6:.2f} TB/s over all experts)",
-              flush=True)
+        flops = 2 * n * K * (2 * I * H + H * I)
+        print(f"N={n}: autotuned {auto:.0f} us a layer call ({expert_bytes / auto / 1e6:.2f} TB/s over all experts, "
+              f"{flops / auto / 1e6:.0f} TFLOP/s)", flush=True)
         results = []
         for bm, bn, bk, swap, scaled, warps, stages in grid:
             config = {"BM": bm, "BN": bn, "BK": bk, "SWAP": swap, "SCALED": scaled, "num_warps": warps,
