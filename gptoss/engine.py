@@ -59,7 +59,7 @@ from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
-from gptoss.sampling import random_seeds, sample
+from gptoss.sampling import random_seeds, sample, seed_key
 
 MAX_TOP_LOGPROBS = 20
 
@@ -301,7 +301,7 @@ class Engine:
         ContextLengthError / GptOssError on the first iteration for a bad request (before anything is queued),
         EngineError if the engine fails the request. Stopping iteration early cancels the request."""
         prompt = self.check_request(prompt_tokens, params)
-        seed = int(params.seed) if params.seed is not None else int(random_seeds(1, "cpu"))
+        seed = seed_key(int(params.seed)) if params.seed is not None else int(random_seeds(1, "cpu"))
         req = _Request(next(self._ids), prompt, params, seed, asyncio.get_running_loop())
         self.start()
         with self._cv:
@@ -433,14 +433,19 @@ class Engine:
                 batch.append(req)
         return batch
 
-    def _admit(self) -> list[_Request]:
+    def _admit(self, in_flight: frozenset[bytes] = frozenset()) -> list[_Request]:
         """(lock held) Admits waiting requests, first come first served, while the batch has room, the step's
-        prefill token budget lasts and their blocks are free -> them (the next step prefills them)."""
+        prefill token budget lasts and their blocks are free -> them (the next step prefills them).
+        in_flight: hashes of blocks that a step still running computes (a prefill launched ahead): admission stops
+        at a request whose next uncached block is one of them, so that it reuses the block once registered."""
         admitted: list[_Request] = []
         budget = self.max_prefill_tokens
         while self._waiting and len(self._running) + len(admitted) < self.max_batch_size:
             req = self._waiting[0]
             hits, hashes = self._match_prefix(req)
+            chain = req.hash_memo[1]
+            if len(chain) > len(hits) and chain[len(hits)] in in_flight:
+                break
             to_compute = len(req.tokens) - len(hits) * self.block_size
             if admitted and to_compute > budget:
                 break
@@ -529,12 +534,15 @@ class Engine:
                         ahead = self._launch(batch, step.sampled.tokens[rows], entries)
                 elif self.launch_ahead:
                     with self._cv:
-                        admitted = [] if self._stopping else self._admit()
+                        computing = frozenset(h for r in step.batch for h in r.hash_memo[1])
+                        admitted = [] if self._stopping else self._admit(computing)
                     if admitted:
                         ahead = self._launch_scheduled(admitted)
                 outputs = step.sampled.read()
         except Exception as e:
             self._fail_all(step.batch, e)
+            if ahead is not None:  # a prefill launched ahead holds other requests
+                self._fail_all(ahead.batch, e)
             return None
         with self._cv:
             totals = self._step_totals["decode" if step.is_decode else "prefill"]
@@ -630,11 +638,11 @@ class Engine:
             idx = to_device(greedy, logits.device)
             chosen[idx] = logits[idx].argmax(dim=-1)
         for (temperature, top_k, top_p), rows in groups.items():
-            idx, seeds, draws = to_device([rows, [batch[i].seed for i in rows], [batch[i].draws for i in rows]],
-                                          logits.device)
+            seeds, draws = to_device([[batch[i].seed for i in rows], [batch[i].draws for i in rows]], logits.device)
             if len(rows) == n:  # every row alike (the common case): no gather of (B, V) logits, no scatter
                 chosen = sample(logits, temperature, top_k, top_p, seeds, draws)
             else:
+                idx = to_device(rows, logits.device)
                 chosen[idx] = sample(logits[idx], temperature, top_k, top_p, seeds, draws)
         for req in batch:
             req.draws += 1

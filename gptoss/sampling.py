@@ -13,12 +13,19 @@ import torch
 
 from gptoss.kernels import use_triton
 
-SEED_BITS = 62  # seeds are non-negative and fit int64
+_MASK64 = 2**64 - 1
+
+
+def seed_key(seed: int) -> int:
+    """Any int seed -> the int64 holding its residue mod 2^64 (two's complement): every 64-bit seed a client may send
+    keeps its own stream, and the key fits a device tensor."""
+    seed &= _MASK64
+    return seed - 2**64 if seed >= 2**63 else seed
 
 
 def random_seeds(count: int, device) -> torch.Tensor:
     """Seeds for unseeded rows, from torch's default generator (torch.manual_seed makes them reproducible)."""
-    return torch.randint(2**SEED_BITS, (count,), device=device)
+    return torch.randint(2**62, (count,), device=device)
 
 
 def sample(
@@ -64,6 +71,14 @@ def exponential_race_reference(logits: torch.Tensor, inv_temperature: float, see
     Reads the seeds on the host (a sync on GPUs; the CUDA path is the Triton kernel)."""
     noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
     for row, seed, draw in zip(noise, seeds.tolist(), draws.tolist(), strict=True):
-        generator = torch.Generator(logits.device).manual_seed(hash((seed, draw)) % 2**SEED_BITS)
-        row.exponential_(1, generator=generator)
+        row.exponential_(1, generator=torch.Generator(logits.device).manual_seed(_mix(seed, draw)))
     return (logits.float() * inv_temperature - noise.clamp_min(1e-12).log()).argmax(dim=-1)
+
+
+def _mix(seed: int, draw: int) -> int:
+    """(seed, draw) -> a 64-bit generator seed: splitmix64's finalizer over the seed's 64 bits and the draw, so
+    distinct keys give unrelated streams."""
+    x = ((seed & _MASK64) ^ (draw * 0x9E3779B97F4A7C15)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)

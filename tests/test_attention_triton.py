@@ -39,7 +39,7 @@ else:  # the real gpt-oss attention shape
 # (The interpreter multiplies in float32: both kernels are then held to the tight bounds.)
 TOL = 1e-3
 MAX_DIFFERING = 0.02
-PREFILL_TOL, PREFILL_MAX_DIFFERING = (TOL, MAX_DIFFERING) if INTERPRET else (5e-3, 1.0)
+PREFILL_TOL, PREFILL_MAX_DIFFERING = (TOL, MAX_DIFFERING) if INTERPRET else (5e-3, None)
 
 
 def rel_err(out, ref):
@@ -54,7 +54,8 @@ def check(out, ref, tol=TOL, max_differing=MAX_DIFFERING):
     assert not torch.isnan(out).any(), "output left unwritten (NaN poison) or NaN"
     err = rel_err(out, ref)
     differing = (out != ref).float().mean().item()
-    assert err <= tol and differing <= max_differing, f"relative error {err:.3g}, {differing:.1%} of elements differ"
+    assert err <= tol and (max_differing is None or differing <= max_differing), \
+        f"relative error {err:.3g}, {differing:.1%} of elements differ"
 
 
 def check_prefill(out, ref):
@@ -347,3 +348,15 @@ def test_rope_and_cache_write(n, paged):
     assert torch.isnan(k_flat[untouched]).all() and torch.isnan(v_flat[untouched]).all()
     q2, k2 = rope_and_cache_write(qkv, cos, sin, HQ, HKV)  # without a cache
     assert torch.equal(q2, q) and torch.equal(k2, k)
+
+
+def test_rope_keeps_nan_and_infinity():
+    """Rounding on the bits must not turn the GPU's NaN (0x7FFFFFFF, which overflows into the sign bit) into -0."""
+    qkv = randn(2, (HQ + 2 * HKV) * D)
+    qkv[0, 0] = float("nan")
+    qkv[1, 1] = float("inf")
+    cos = torch.ones(2, D // 2, device=DEVICE)
+    q, _ = rope_and_cache_write(qkv, cos, torch.zeros_like(cos), HQ, HKV)
+    q_ref = rope_reference(qkv[:, : HQ * D].view(2, HQ, D), cos, torch.zeros_like(cos))
+    assert torch.isnan(q[0, 0, 0]) and torch.isnan(q_ref[0, 0, 0])
+    assert torch.isinf(q[1, 0, 1]) and torch.isinf(q_ref[1, 0, 1])

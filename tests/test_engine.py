@@ -82,8 +82,8 @@ def wait_idle(engine, timeout=5.0):
 
 @pytest.fixture(params=[False, True], ids=["in_turn", "launch_ahead"])
 def engine_factory(model, request):
-    """Engines in both step modes: each step scheduled after the previous one's tokens are delivered, and decode
-    steps launched ahead of that (the GPU default, run here on the CPU to check its bookkeeping)."""
+    """Engines in both step modes: each step scheduled after the previous one's tokens are delivered, and steps
+    launched ahead of that (the GPU default, run here on the CPU to check its bookkeeping)."""
     engines = []
 
     def make(**kw):
@@ -222,6 +222,23 @@ def test_prefix_reuse(engine_factory, reference):
     out4 = run_all(engine, [(turn2, greedy(6))])[0]
     assert out4[0].cached_tokens >= (len(first) + 11) // 4 * 4
     assert [o.token for o in out4] == reference(turn2, 6)
+
+
+def test_prefills_in_a_row_reuse_a_shared_prefix_and_draw_as_alone(engine_factory, reference):
+    """Small prefill steps, so that prefills follow each other (launched ahead on the GPU): a request whose prompt
+    starts with blocks that a step in flight computes waits for them and reuses them; seeded and greedy outputs
+    equal each request alone."""
+    engine = engine_factory(num_blocks=256, max_prefill_tokens=70)
+    prefix = make_prompts(1, seed=12, min_len=64, max_len=64)[0]
+    prompts = [prefix + p for p in make_prompts(6, seed=13, min_len=3, max_len=6)]
+    jobs = [(p, SamplingParams(max_tokens=5, temperature=1.2, seed=40 + i, stop_token_ids=()) if i % 2 else greedy(5))
+            for i, p in enumerate(prompts)]
+    outs = run_all(engine, jobs)
+    wait_idle(engine)
+    assert [out[0].cached_tokens for out in outs] == [0] + [64] * 5
+    for i, (prompt, out) in enumerate(zip(prompts, outs)):
+        kw = dict(temperature=1.2, seed=40 + i) if i % 2 else {}
+        assert [o.token for o in out] == reference(prompt, 5, **kw)
 
 
 def test_consumer_that_stops_frees_blocks(engine_factory, reference):

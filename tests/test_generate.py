@@ -4,7 +4,7 @@ import torch
 from conftest import SMALL, random_model
 from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.generate import TokenGenerator
-from gptoss.sampling import sample
+from gptoss.sampling import sample, seed_key
 
 
 @pytest.fixture(scope="module")
@@ -97,3 +97,17 @@ def test_keyed_rows_draw_what_each_row_draws_alone():
         assert batched.tolist() == [t.item() for t in alone]
         streams.append(batched.tolist())
     assert len({tuple(row) for row in streams}) > 5
+
+
+def test_every_64_bit_seed_keeps_its_own_stream(generator):
+    """Clients may send any 64-bit seed (the server takes 0 <= seed < 2^64): each maps to its own int64 key, and
+    TokenGenerator samples with the largest."""
+    seeds = [0, 1, 2**62, 2**63 - 1, 2**63, 2**64 - 1]
+    keys = [seed_key(s) for s in seeds]
+    assert len(set(keys)) == len(seeds) and all(-(2**63) <= k < 2**63 for k in keys)
+    assert seed_key(-1) == seed_key(2**64 - 1)  # equal mod 2^64: the same seed
+    logits = torch.zeros(len(seeds), 1000)
+    drawn = sample(logits, 1.0, seeds=torch.tensor(keys), draws=torch.zeros(len(seeds), dtype=torch.long))
+    assert len(set(drawn.tolist())) > 3  # uniform logits: unrelated streams pick different tokens
+    tokens = list(generator.generate([1, 2, 3], (), temperature=1.0, max_tokens=3, seed=2**64 - 1))
+    assert tokens == list(generator.generate([1, 2, 3], (), temperature=1.0, max_tokens=3, seed=2**64 - 1))

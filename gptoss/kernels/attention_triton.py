@@ -472,7 +472,8 @@ def _rope_rows(X, Out, row_x, row_o, c, s, n_heads, HALF: tl.constexpr, BLOCK_H:
     off = h[:, None] * (2 * HALF) + i[None, :]
     x1 = tl.load(X + row_x + off, mask=ok, other=0.0).to(tl.float32)
     x2 = tl.load(X + row_x + off + HALF, mask=ok, other=0.0).to(tl.float32)
-    # each product and the sum rounded to the activation dtype, as apply_rope's torch ops round them
+    # each product and the sum rounded to the activation dtype, as apply_rope's torch ops round them (float32
+    # models: the compiler may fuse a product into the sum, a float32 ulp away)
     DT: tl.constexpr = X.dtype.element_ty
     o1 = round_to(round_to(x1 * c[None, :], DT) - round_to(x2 * s[None, :], DT), DT)
     o2 = round_to(round_to(x2 * c[None, :], DT) + round_to(x1 * s[None, :], DT), DT)

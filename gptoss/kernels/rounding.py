@@ -12,11 +12,12 @@ import triton.language as tl
 @triton.jit
 def round_to(v, DT: tl.constexpr):
     """float32 v rounded to DT (the activation dtype) to nearest even, returned as float32 (a no-op for float32).
-    bfloat16 is rounded on the bits (exact for finite values): Triton 3.6's interpreter truncates a
-    float32 -> bfloat16 cast, which would make the CPU runs of the kernels round differently."""
+    bfloat16 is rounded on the bits (exact for finite values and infinities; NaN stays NaN): Triton 3.6's
+    interpreter truncates a float32 -> bfloat16 cast, which would make the CPU runs of the kernels round
+    differently."""
     if DT == tl.bfloat16:
         bits = v.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-        return bits.to(tl.float32, bitcast=True)
+        return tl.where(v != v, v, bits.to(tl.float32, bitcast=True))  # NaN's bits would carry into the sign
     else:
         return v.to(DT).to(tl.float32)
