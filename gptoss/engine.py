@@ -59,7 +59,7 @@ from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
-from gptoss.sampling import random_seeds, sample, seed_key
+from gptoss.sampling import request_seed, sample
 
 MAX_TOP_LOGPROBS = 20
 
@@ -301,8 +301,7 @@ class Engine:
         ContextLengthError / GptOssError on the first iteration for a bad request (before anything is queued),
         EngineError if the engine fails the request. Stopping iteration early cancels the request."""
         prompt = self.check_request(prompt_tokens, params)
-        seed = seed_key(int(params.seed)) if params.seed is not None else int(random_seeds(1, "cpu"))
-        req = _Request(next(self._ids), prompt, params, seed, asyncio.get_running_loop())
+        req = _Request(next(self._ids), prompt, params, request_seed(params.seed), asyncio.get_running_loop())
         self.start()
         with self._cv:
             req.state = "waiting"

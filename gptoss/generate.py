@@ -10,7 +10,7 @@ from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import use_triton
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
-from gptoss.sampling import random_seeds, sample, seed_key
+from gptoss.sampling import request_seed, sample
 
 DEFAULT_CONTEXT_LENGTH = 8192
 
@@ -82,7 +82,7 @@ class TokenGenerator:
         prompt = [int(t) for t in prompt_tokens]
         self.check_request(prompt, max_tokens)
         stop = set(int(t) for t in stop_tokens)
-        seed = int(random_seeds(1, "cpu")) if seed is None else seed_key(seed)
+        seed = request_seed(seed)
         self.cache.reset()
         tokens = torch.tensor(prompt, device=self.device)
         last = torch.tensor([len(prompt) - 1], device=self.device)

@@ -28,6 +28,11 @@ def random_seeds(count: int, device) -> torch.Tensor:
     return torch.randint(2**62, (count,), device=device)
 
 
+def request_seed(seed: int | None) -> int:
+    """A request's seed key: seed_key(seed), or a random one for an unseeded request."""
+    return int(random_seeds(1, "cpu")) if seed is None else seed_key(int(seed))
+
+
 def sample(
     logits: torch.Tensor,
     temperature: float = 1.0,
