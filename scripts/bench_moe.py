@@ -172,8 +172,7 @@ def main():
 
     # ---------------- decode ----------------
     gemv_variants = [("auto", {})] + [
-        (f"U{c.kwargs['BLOCK_H'] // 2} H{c.kwargs['BLOCK_H']} K{c.kwargs['BLOCK_K']} w{c.num_warps} "
-         f"ahead{c.kwargs['AHEAD']}",
+        (f"U{c.kwargs['BLOCK_H'] // 2} H{c.kwargs['BLOCK_H']} K{c.kwargs['BLOCK_K']} w{c.num_warps}",
          dict(config=dict(c.kwargs, BLOCK_U=c.kwargs["BLOCK_H"] // 2, num_warps=c.num_warps)))
         for c in mt._gemv_configs("BLOCK_H", False)]
     for N in ([1] if args.quick else [1, 4, 8]):

@@ -100,11 +100,9 @@ interp_only = pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the
 
 
 @interp_only
-@pytest.mark.parametrize("ahead", [1, 2])
 @pytest.mark.parametrize("N", [1, 3, 8])
-def test_interpret_gemv(N, ahead):
-    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv",
-          config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32, "AHEAD": ahead})
+def test_interpret_gemv(N):
+    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32})
 
 
 @interp_only
@@ -128,9 +126,7 @@ def test_interpret_uneven_k():
     # H = I = 96: BK = 64 leaves a masked tail step; ROWS / BN do not divide the rows
     check(7, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 16, "BN": 32, "BK": 64})
     check(20, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 32, "BN": 64, "BK": 64, "SWAP": True})
-    for ahead in (1, 2):  # with 2 steps ahead, the loads of two steps past the end are masked
-        check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv",
-              config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64, "AHEAD": ahead})
+    check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv", config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
 
 
 @triton.jit
@@ -241,7 +237,7 @@ def test_gpu_every_gemv_tile_candidate(index):
     """The GEMV autotuner may pick any candidate: each must compute the same function (decode sizes, real shapes)."""
     mlp1, mlp2 = _gemv_configs("BLOCK_U", True)[index], _gemv_configs("BLOCK_H", False)[index]
     config = {"BLOCK_U": mlp1.kwargs["BLOCK_U"], "BLOCK_H": mlp2.kwargs["BLOCK_H"], "BLOCK_K": mlp2.kwargs["BLOCK_K"],
-              "AHEAD": mlp2.kwargs["AHEAD"], "num_warps": mlp2.num_warps}
+              "num_warps": mlp2.num_warps}
     check(3, E=32, H=2880, I=2880, K=4, device="cuda", path="gemv", seed=80 + index, config=config)
 
 

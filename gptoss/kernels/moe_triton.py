@@ -176,20 +176,17 @@ if HAS_TRITON:
         return wd, s, v.to(tl.float32)
 
     @triton.jit
-    def _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr, AHEAD: tl.constexpr):
+    def _gemv_rows(w_ptr, s_ptr, rows, rmask, v_ptr, KDIM: tl.constexpr, BLOCK_K: tl.constexpr):
         """sum_k W[rows, k] * v[k] over rows (R,) int64 of a (rows, KDIM) MXFP4 matrix -> (R,) float32.
-        Two codes are decoded per 32-bit op (_fp4_pair16, ~5 SASS instructions per weight on sm_90). The loads of
-        the next AHEAD (1 or 2) steps are issued before this step's decode (registers double- or triple-buffered):
-        a program makes only a few steps and the grid fills the GPU's warp slots only partly, so the loads in
-        flight set the bandwidth (without this each step waits a full memory latency)."""
+        Two codes are decoded per 32-bit op (_fp4_pair16, ~5 SASS instructions per weight on sm_90); the next
+        step's loads are issued before this step's decode (registers double-buffered): a program makes only a
+        few steps, so without this each step waits a full memory latency."""
         NG: tl.constexpr = BLOCK_K // 32
         R: tl.constexpr = rows.shape[0]
         acc = tl.zeros((R, NG), dtype=tl.float32)
         wd, s, v = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, 0, KDIM, BLOCK_K)
-        if AHEAD == 2:
-            wd1, s1, v1 = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, BLOCK_K, KDIM, BLOCK_K)
         for k0 in range(0, KDIM, BLOCK_K):
-            wd_n, s_n, v_n = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, k0 + AHEAD * BLOCK_K, KDIM, BLOCK_K)
+            wd_n, s_n, v_n = _load_step(w_ptr, s_ptr, v_ptr, rows, rmask, k0 + BLOCK_K, KDIM, BLOCK_K)
             o0, o4 = _fp4_pair16(wd, 0)
             o1, o5 = _fp4_pair16(wd, 1)
             o2, o6 = _fp4_pair16(wd, 2)
@@ -199,11 +196,7 @@ if HAS_TRITON:
             w = tl.reshape(w, (R, NG, 32))
             sc = ((s.to(tl.uint32) + 14) << 23).to(tl.float32, bitcast=True)  # 2^(s - 127) * 2^14
             acc += tl.sum(w * v[None, :, :], axis=2) * sc
-            if AHEAD == 2:
-                wd, s, v = wd1, s1, v1
-                wd1, s1, v1 = wd_n, s_n, v_n
-            else:
-                wd, s, v = wd_n, s_n, v_n
+            wd, s, v = wd_n, s_n, v_n
         return tl.sum(acc, axis=1)
 
     @triton.jit
@@ -231,7 +224,6 @@ if HAS_TRITON:
         MP: tl.constexpr,  # power of two >= M
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
-        AHEAD: tl.constexpr,  # steps whose loads are in flight during a step's math (1 or 2)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
     ):
         i = tl.program_id(0)
@@ -249,7 +241,7 @@ if HAS_TRITON:
         for p in range(i, M):  # every pair routed to expert e (the first is i)
             if tl.load(ids_ptr + p) == e:
                 tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
-                h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K, AHEAD) + bias  # (R,)
+                h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K) + bias  # (R,)
                 glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
                 out = _swiglu(glu, lin, limit, ACT_DTYPE)
                 tl.store(act_ptr + p * I + units, out.to(act_ptr.dtype.element_ty), mask=units < I)
@@ -268,7 +260,6 @@ if HAS_TRITON:
         MP: tl.constexpr,
         BLOCK_H: tl.constexpr,  # output rows per program
         BLOCK_K: tl.constexpr,
-        AHEAD: tl.constexpr,
         PDL: tl.constexpr,
     ):
         i = tl.program_id(0)
@@ -283,7 +274,7 @@ if HAS_TRITON:
         bias = tl.load(b_ptr + rows, mask=hmask, other=0.0).to(tl.float32)
         for p in range(i, M):
             if tl.load(ids_ptr + p) == e:
-                y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K, AHEAD) + bias
+                y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K) + bias
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
 
     @triton.jit
@@ -512,11 +503,10 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------------------------
     def _gemv_configs(rows_name: str, pairs: bool) -> list:
         out = []
-        for rows, bk, warps, ahead in [(32, 256, 4, 1), (32, 512, 4, 1), (64, 256, 4, 1), (64, 512, 8, 1),
-                                       (16, 512, 4, 1), (128, 256, 8, 1), (16, 256, 2, 1), (32, 256, 2, 1),
-                                       (32, 256, 4, 2), (16, 512, 4, 2), (16, 256, 2, 2), (32, 256, 2, 2)]:
-            out.append(triton.Config({rows_name: rows // 2 if pairs else rows, "BLOCK_K": bk, "AHEAD": ahead},
-                                     num_warps=warps, num_stages=1))
+        for rows, bk, warps in [(32, 256, 4), (32, 512, 4), (64, 256, 4), (64, 512, 8), (16, 512, 4),
+                                (128, 256, 8), (16, 256, 2), (32, 256, 2)]:
+            out.append(triton.Config({rows_name: rows // 2 if pairs else rows, "BLOCK_K": bk}, num_warps=warps,
+                                     num_stages=1))
         return out
 
     def _dot_configs(mlp1: bool, scaled: bool = False) -> list:
@@ -607,7 +597,7 @@ def moe_triton(
 
     path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
-      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "AHEAD", "num_warps"};
+      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
       gemm: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
@@ -658,11 +648,10 @@ def moe_triton(
             k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
             c1 = c2 = {}
         else:
-            c = {"BLOCK_U": 64, "BLOCK_H": 128, "BLOCK_K": 256, "AHEAD": 1, "num_warps": 4, **(config or {})}
+            c = {"BLOCK_U": 64, "BLOCK_H": 128, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
             k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
-            shared = {"BLOCK_K": c["BLOCK_K"], "AHEAD": c["AHEAD"], "num_warps": c["num_warps"], "num_stages": 1}
-            c1 = {"BLOCK_U": c["BLOCK_U"], **shared}
-            c2 = {"BLOCK_H": c["BLOCK_H"], **shared}
+            c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+            c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
         pdl = pdl_enabled(x)
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
             xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
