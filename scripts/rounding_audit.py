@@ -6,14 +6,13 @@ where the pure path does differs only where float32 summation order crosses a ro
 an op that rounds elsewhere differs in a large share of its elements.
 
     python scripts/rounding_audit.py [--layers 2] [--tokens 256]
-    python scripts/rounding_audit.py --sensitivity --tokens 512
+    python scripts/rounding_audit.py --sensitivity --tokens 512 [--device cpu] [--branch-shift 3]
 """
 
 import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 
 from gptoss.bench import decisive_routers, random_model
 from gptoss.config import RMS_NORM_EPS
@@ -87,19 +86,36 @@ def audit(layers: int, tokens: int) -> None:
         x = out
 
 
+def scaled_branches(model, shift: int):
+    """Each block's residual branches (attention's output projection, the experts' mlp2, their biases) scaled by
+    2^-shift, exactly (bf16 weights times a power of two, MXFP4 scale exponents lowered): the depth-scaled init of
+    GPT-2, under which each layer adds a small update to a residual stream that the embedding dominates."""
+    with torch.no_grad():
+        for block in model.block:
+            for tensor in (block.attn.out.weight, block.attn.out.bias, block.mlp.mlp2_bias):
+                tensor.mul_(2.0**-shift)
+            block.mlp.mlp2_weight.scales.sub_(shift)
+    return model
+
+
 @torch.inference_mode()
-def sensitivity(tokens: int, fractions=(1e-4, 1e-3, 1e-2)) -> None:
+def sensitivity(tokens: int, device: str, branch_shift: int, fractions=(1e-4, 1e-3, 1e-2)) -> None:
     """How far the pure bf16 path's own logits move when a share of the first layer's inputs moves by one bf16 ulp
     (what a kernel that rounds 0.1% of its outputs differently does): the floor for any two bf16 implementations
-    that are not bit-identical, next to the pure path against float32."""
+    that are not bit-identical, next to the pure path against float32. branch_shift > 0: on weights whose residual
+    branches are scaled down (scaled_branches), to see whether the floor comes from the random weights' scale."""
     os.environ["GPTOSS_KERNELS"] = "reference"
-    model = decisive_routers(random_model("gpt-oss-20b", "cuda"))  # as tests/test_fast_path.py compares
-    ids = torch.randint(0, 199998, (tokens,), generator=torch.Generator().manual_seed(0)).cuda()
+
+    def build(dtype):  # routers as tests/test_fast_path.py compares
+        return scaled_branches(decisive_routers(random_model("gpt-oss-20b", device, dtype=dtype)), branch_shift)
+
+    model = build(torch.bfloat16)
+    ids = torch.randint(0, 199998, (tokens,), generator=torch.Generator().manual_seed(0)).to(device)
     base = model(ids).float()
     top1 = base.argmax(-1)
     for fraction in fractions:
-        chosen = torch.rand(tokens, model.config.hidden_size, device="cuda",
-                            generator=torch.Generator("cuda").manual_seed(1)) < fraction
+        chosen = torch.rand(tokens, model.config.hidden_size, generator=torch.Generator().manual_seed(1)).to(device) \
+            < fraction
 
         def one_ulp_away(module, args, out, chosen=chosen):
             return torch.where(chosen, (out.view(torch.int16) + 1).view(out.dtype), out)
@@ -112,7 +128,7 @@ def sensitivity(tokens: int, fractions=(1e-4, 1e-3, 1e-2)) -> None:
         print(f"pure bf16, {fraction:.2%} of layer-0 inputs one ulp away: logits relative error {error:.2e}, "
               f"top-1 agreement {agree:.2%}")
     del model
-    exact = decisive_routers(random_model("gpt-oss-20b", "cuda", dtype=torch.float32))(ids).float()
+    exact = build(torch.float32)(ids).float()
     print(f"pure bf16 against pure float32: logits relative error {((base - exact).norm() / exact.norm()).item():.2e}, "
           f"top-1 agreement {(exact.argmax(-1) == top1).float().mean().item():.2%}")
 
@@ -123,8 +139,11 @@ if __name__ == "__main__":
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--sensitivity", action="store_true", help="instead: the pure path's logits under one-ulp "
                         "changes of a share of its first layer's inputs")
+    parser.add_argument("--device", default="cuda", help="--sensitivity runs on the pure path: the CPU will do")
+    parser.add_argument("--branch-shift", type=int, default=0, help="--sensitivity on weights whose residual "
+                        "branches are scaled by 2^-SHIFT")
     args = parser.parse_args()
     if args.sensitivity:
-        sensitivity(args.tokens)
+        sensitivity(args.tokens, args.device, args.branch_shift)
     else:
         audit(args.layers, args.tokens)
