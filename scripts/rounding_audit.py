@@ -91,10 +91,14 @@ def scaled_branches(model, shift: int):
     2^-shift, exactly (bf16 weights times a power of two, MXFP4 scale exponents lowered): the depth-scaled init of
     GPT-2, under which each layer adds a small update to a residual stream that the embedding dominates."""
     with torch.no_grad():
-        for block in model.block:
+        for index, block in enumerate(model.block):
+            scales = block.mlp.mlp2_weight.scales
+            if not 0 <= shift <= int(scales.min()):  # uint8 exponents would wrap around
+                raise SystemExit(f"--branch-shift {shift}: must lie in 0..{int(scales.min())} (the smallest mlp2 "
+                                 f"scale exponent of block {index})")
             for tensor in (block.attn.out.weight, block.attn.out.bias, block.mlp.mlp2_bias):
                 tensor.mul_(2.0**-shift)
-            block.mlp.mlp2_weight.scales.sub_(shift)
+            scales.sub_(shift)
     return model
 
 
