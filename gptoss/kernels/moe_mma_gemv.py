@@ -70,9 +70,8 @@ def mma_input(x: torch.Tensor) -> torch.Tensor:
     return out
 
 # Launch configurations (rows a program, warps, K slices, 32-input blocks a loop step), autotuned on the first call.
-# GS is 2 or 4 (`_blocks`).
-_CONFIGS = [(16, 4, 4, 4), (16, 4, 4, 2), (32, 4, 4, 2), (16, 8, 8, 2), (16, 8, 8, 4), (32, 8, 4, 4),
-            (32, 4, 2, 4), (16, 2, 2, 4)]
+_CONFIGS = [(16, 4, 4, 4), (16, 4, 4, 8), (32, 4, 2, 5), (32, 8, 4, 4), (16, 8, 8, 4), (64, 8, 2, 5),
+            (32, 4, 4, 4), (32, 4, 4, 6)]
 
 
 @functools.cache
@@ -179,8 +178,10 @@ if HAS_GLUON:
 
     @gluon.jit
     def _blocks(t, GS: gl.constexpr):
-        """t (..., GS) with GS (2 or 4) in registers -> the GS slices t[..., q] in order q = 0 .. GS-1."""
-        if GS == 2:
+        """t (..., GS) with GS (1, 2 or 4) in registers -> the GS slices t[..., q] in order q = 0 .. GS-1."""
+        if GS == 1:
+            return (gl.reshape(t, t.shape[:-1]),)
+        elif GS == 2:
             return gl.split(t)
         else:
             even, odd = gl.split(gl.reshape(t, t.shape[:-1] + [2, 2]))  # index 2a + b: b = 0 holds q = 0, 2
@@ -236,51 +237,38 @@ if HAS_GLUON:
         columns count as zeros; both in `_column_layout`) -> (R, 8) float32 in `_out_layout`.
 
         The input dimension is cut into KS slices, one per group of warps, summed at the end: with one 16-row tile
-        a warp, a K slice per warp is what gives the GPU enough warps (loads in flight) at one token. Each slice
-        is walked in steps of GS 32-input blocks, double-buffered: a step's loads are issued before the previous
-        step's decode and MMAs."""
+        a warp, a K slice per warp is what gives the GPU enough warps (loads in flight) at one token. A loop step
+        covers GS blocks of each slice (unrolled: all its loads are issued first)."""
         mma: gl.constexpr = _mma_layout(KS, NW)
-        bl: gl.constexpr = _step_bytes_layout(KS, R, GS, NW)
-        sl: gl.constexpr = _step_scales_layout(KS, R, GS, NW)
-        xl: gl.constexpr = _step_acts_layout(KS, GS, NW)
+        bl: gl.constexpr = _step_bytes_layout(KS, R, 1, NW)
+        sl: gl.constexpr = _step_scales_layout(KS, R, 1, NW)
+        xl: gl.constexpr = _step_acts_layout(KS, 1, NW)
         G: gl.constexpr = KDIM // 32
         GK: gl.constexpr = (G + KS - 1) // KS  # blocks per K slice
-        NSTEPS: gl.constexpr = (GK + GS - 1) // GS
         EVEN: gl.constexpr = (G % KS == 0) and (GK % GS == 0)
-        # index vectors broadcast to (KS, R, 16, GS) bytes, (KS, R, GS) scales, (KS, 32, 8, GS) activations
+        # index vectors broadcast to (KS, R, 16, 1) bytes, (KS, R, 1) scales, (KS, 32, 8, 1) activations
         w_ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, bl))))[:, None, None, None]
         w_r = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, bl))))[None, :, None, None]
         w_b = gl.arange(0, 16, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(3, bl))))[None, None, :, None]
-        w_q = gl.arange(0, GS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, bl))))[None, None, None, :]
         s_ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, sl)))[:, None, None]
         s_r = gl.arange(0, R, layout=gl.SliceLayout(0, gl.SliceLayout(2, sl)))[None, :, None]
-        s_q = gl.arange(0, GS, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))[None, None, :]
         x_ks = gl.arange(0, KS, layout=gl.SliceLayout(1, gl.SliceLayout(2, gl.SliceLayout(3, xl))))[:, None, None, None]
         x_k = gl.arange(0, 32, layout=gl.SliceLayout(0, gl.SliceLayout(2, gl.SliceLayout(3, xl))))[None, :, None, None]
-        x_q = gl.arange(0, GS, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, xl))))[None, None, None, :]
-        w_ptrs = w_ptr + (row0 + w_r) * (G * 16) + (w_ks * GK + w_q) * 16 + w_b
-        s_ptrs = s_ptr + (row0 + s_r) * G + s_ks * GK + s_q
-        x_ptrs = x_ptr + xrow[None, None, :, None] * KDIM + (x_ks * GK + x_q) * 32 + x_k
+        zq = gl.arange(0, 1, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, bl))))[None, None, None, :]
+        sq = gl.arange(0, 1, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))[None, None, :]
+        xq = gl.arange(0, 1, layout=gl.SliceLayout(0, gl.SliceLayout(1, gl.SliceLayout(2, xl))))[None, None, None, :]
+        w_ptrs = w_ptr + (row0 + w_r) * (G * 16) + w_ks * (GK * 16) + w_b + zq
+        s_ptrs = s_ptr + (row0 + s_r) * G + s_ks * GK + sq
+        x_ptrs = x_ptr + xrow[None, None, :, None] * KDIM + x_ks * (GK * 32) + x_k + xq
         w_ok = w_r < nrows
         s_ok = s_r < nrows
         x_ok = xmask[None, None, :, None]
         acc = gl.zeros([KS, R, 8], gl.float32, mma)
-        a_w, a_s, a_x = _load_step(w_ptrs, s_ptrs, x_ptrs, w_ok, s_ok, x_ok, w_ks, s_ks, x_ks, w_q, s_q, x_q, 0, G, GK,
-                                   EVEN)
-        for st in range(0, NSTEPS - 2, 2):  # ping-pong: no register copies between the two buffers
-            b_w, b_s, b_x = _load_step(w_ptrs, s_ptrs, x_ptrs, w_ok, s_ok, x_ok, w_ks, s_ks, x_ks, w_q, s_q, x_q,
-                                       (st + 1) * GS, G, GK, EVEN)
-            acc = _mma_step(acc, a_w, a_s, a_x, R, KS, GS, XSHIFT, NW)
-            a_w, a_s, a_x = _load_step(w_ptrs, s_ptrs, x_ptrs, w_ok, s_ok, x_ok, w_ks, s_ks, x_ks, w_q, s_q, x_q,
-                                       (st + 2) * GS, G, GK, EVEN)
-            acc = _mma_step(acc, b_w, b_s, b_x, R, KS, GS, XSHIFT, NW)
-        if NSTEPS % 2 == 0:
-            b_w, b_s, b_x = _load_step(w_ptrs, s_ptrs, x_ptrs, w_ok, s_ok, x_ok, w_ks, s_ks, x_ks, w_q, s_q, x_q,
-                                       (NSTEPS - 1) * GS, G, GK, EVEN)
-            acc = _mma_step(acc, a_w, a_s, a_x, R, KS, GS, XSHIFT, NW)
-            acc = _mma_step(acc, b_w, b_s, b_x, R, KS, GS, XSHIFT, NW)
-        else:
-            acc = _mma_step(acc, a_w, a_s, a_x, R, KS, GS, XSHIFT, NW)
+        for j0 in range(0, GK, GS):
+            for jj in gl.static_range(GS):
+                wb, s, xv = _load_step(w_ptrs, s_ptrs, x_ptrs, w_ok, s_ok, x_ok, w_ks, s_ks, x_ks, zq, sq, xq,
+                                       j0 + jj, G, GK, EVEN)
+                acc = _mma_step(acc, wb, s, xv, R, KS, 1, XSHIFT, NW)
         return gl.sum(acc, axis=0)
 
     @gluon.jit
@@ -321,7 +309,7 @@ if HAS_GLUON:
         MP: gl.constexpr, R: gl.constexpr, KS: gl.constexpr, GS: gl.constexpr, XSHIFT: gl.constexpr, PDL: gl.constexpr,
     ):
         NW: gl.constexpr = gl.num_warps()
-        cl: gl.constexpr = _column_layout(KS, GS, NW)
+        cl: gl.constexpr = _column_layout(KS, 1, NW)
         ol: gl.constexpr = _out_layout(KS, NW)
         # one thread holds a gate row and its linear row (2u, 2u + 1) for SwiGLU
         pl: gl.constexpr = gl.BlockedLayout([2, 1], [16, 2], [NW, 1], [0, 1])
@@ -357,7 +345,7 @@ if HAS_GLUON:
         MP: gl.constexpr, R: gl.constexpr, KS: gl.constexpr, GS: gl.constexpr, XSHIFT: gl.constexpr, PDL: gl.constexpr,
     ):
         NW: gl.constexpr = gl.num_warps()
-        cl: gl.constexpr = _column_layout(KS, GS, NW)
+        cl: gl.constexpr = _column_layout(KS, 1, NW)
         ol: gl.constexpr = _out_layout(KS, NW)
         i = gl.program_id(0)
         j = gl.program_id(1)
