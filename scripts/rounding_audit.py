@@ -78,7 +78,8 @@ def audit(layers: int, tokens: int) -> None:
         compare(index, "route ids", e_fast.long(), experts)
         compare(index, "route weights", w_fast, weights)
         for n in (1, 4, tokens):
-            fast = moe_triton_from_stores(t2[:n], weights[:n], experts[:n], *stores, residual=h[:n])
+            fast = moe_triton_from_stores(t2[:n], weights[:n], experts[:n], *stores, residual=h[:n],
+                                          x_float32=t2[:n].float() if n <= 8 else None)
             compare(index, f"moe + residual N={n}", fast, out[:n])
             compare(index, f"moe alone N={n}", moe_triton_from_stores(t2[:n], weights[:n], experts[:n], *stores),
                     moe_out[:n])

@@ -2,8 +2,7 @@
 
 gpt-oss's blocks are x -> x + attn(norm(x)) -> h + mlp(norm(h)). On the GPU a decode step is a chain of small
 kernels, so the MLP block folds the attention's residual add into its norm: one kernel reads x and the attention
-update, writes the new residual stream h and norm(h) (and, for the MoE decode kernels, a copy of norm(h) in the form
-they read: float32 for the CUDA-core GEMV, `mma_input` form for the tensor-core one).
+update, writes the new residual stream h and norm(h) (and, for the MoE decode kernels, norm(h) in float32).
 Numerics equal the pure path's: h is rounded to the activation dtype as torch's add rounds it, then normed with
 float32 statistics and gain.
 """
@@ -12,19 +11,16 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels.moe_mma_gemv import XSHIFT, mma_input_column
 from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
-
-COPY_FORMATS = {None: 0, "float32": 1, "mma": 2}
 
 
 @triton.jit
 def _rms_norm_kernel(
-    X, Update, W, H, Out, Copy,
-    stride_x, stride_u, stride_h, stride_o, stride_c,
+    X, Update, W, H, Out, Out32,
+    stride_x, stride_u, stride_h, stride_o, stride_o32,
     dim, eps,
     ADD: tl.constexpr,  # h = x + update is written to H and normed; else x itself is normed
-    COPY: tl.constexpr,  # also write the normed row to Copy: 1 float32, 2 `mma_input` form (moe_mma_gemv)
+    COPY_F32: tl.constexpr,  # also write the normed row in float32 to Out32
     BLOCK: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
 ):
@@ -42,11 +38,8 @@ def _rms_norm_kernel(
     inv = 1.0 / tl.sqrt_rn(tl.sum(x * x, 0) / dim + eps)
     t = (x * inv * w).to(Out.dtype.element_ty)
     tl.store(Out + row * stride_o + cols, t, mask=ok)
-    if COPY == 1:
-        tl.store(Copy + row * stride_c + cols, t.to(tl.float32), mask=ok)
-    elif COPY == 2:
-        tl.store(Copy + row * stride_c + mma_input_column(cols), (t.to(tl.float32) * (2.0 ** -XSHIFT)).to(tl.float16),
-                 mask=ok)
+    if COPY_F32:
+        tl.store(Out32 + row * stride_o32 + cols, t.to(tl.float32), mask=ok)
 
 
 def rms_norm_reference(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
@@ -56,21 +49,21 @@ def rms_norm_reference(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torc
     return (t * scale).to(x.dtype)
 
 
-def _launch(x, scale, eps, out, update=None, h=None, copy=None, copy_format=None):
-    """out = rms_norm(x); with update: h = x + update and out = rms_norm(h); with copy: out in copy_format too."""
+def _launch(x, scale, eps, out, update=None, h=None, out32=None):
+    """out = rms_norm(x); with update: h = x + update and out = rms_norm(h); with out32: out in float32 too."""
     dim = x.shape[-1]
     assert x.dim() == 2 and x.stride(1) == 1 and scale.shape == (dim,)
     if x.shape[0] == 0:
         return
-    add = update is not None
-    update, h, copy = (update if add else x), (h if add else out), (out if copy is None else copy)  # unused: any
+    add, copy = update is not None, out32 is not None
+    update, h, out32 = (update if add else x), (h if add else out), (out32 if copy else out)  # unused: any tensor
     block = triton.next_power_of_2(dim)
     pdl = pdl_enabled(x)
     _rms_norm_kernel[(x.shape[0],)](
-        x, update, scale.contiguous(), h, out, copy,
-        x.stride(0), update.stride(0), h.stride(0), out.stride(0), copy.stride(0),
+        x, update, scale.contiguous(), h, out, out32,
+        x.stride(0), update.stride(0), h.stride(0), out.stride(0), out32.stride(0),
         dim, eps,
-        ADD=add, COPY=COPY_FORMATS[copy_format], BLOCK=block, PDL=pdl, num_warps=4 if block <= 2048 else 8, launch_pdl=pdl,
+        ADD=add, COPY_F32=copy, BLOCK=block, PDL=pdl, num_warps=4 if block <= 2048 else 8, launch_pdl=pdl,
     )
 
 
@@ -82,14 +75,12 @@ def rms_norm(x: torch.Tensor, scale: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def add_rms_norm(
-    x: torch.Tensor, update: torch.Tensor, scale: torch.Tensor, eps: float, *, copy_format: str | None = None
+    x: torch.Tensor, update: torch.Tensor, scale: torch.Tensor, eps: float, *, with_float32: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """x, update (N, H) -> (h = x + update, rms_norm(h), a copy of rms_norm(h) for the MoE decode kernels or None).
-    copy_format: None, "float32" or "mma" (fp16 in `gptoss.kernels.moe_mma_gemv.mma_input` form)."""
+    """x, update (N, H) -> (h = x + update, rms_norm(h), rms_norm(h) as float32 if with_float32 else None)."""
     assert update.shape == x.shape and update.stride(1) == 1
     h = torch.empty_like(x)
     out = torch.empty_like(x)
-    copy = None if copy_format is None else torch.empty(
-        x.shape, device=x.device, dtype=torch.float32 if copy_format == "float32" else torch.float16)
-    _launch(x, scale, eps, out, update=update, h=h, copy=copy, copy_format=copy_format)
-    return h, out, copy
+    out32 = torch.empty(x.shape, device=x.device, dtype=torch.float32) if with_float32 else None
+    _launch(x, scale, eps, out, update=update, h=h, out32=out32)
+    return h, out, out32
