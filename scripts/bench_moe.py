@@ -23,7 +23,6 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from gptoss.experts import MXFP4Experts
 from gptoss.kernels.moe import moe, route
 from gptoss.kernels import moe_triton as mt
-from gptoss.kernels.moe_mma_gemv import _CONFIGS as MMA_CONFIGS
 
 
 def log(*a):
@@ -172,20 +171,18 @@ def main():
     summary = []  # (section, variant, text)
 
     # ---------------- decode ----------------
-    mma_variants = [("mma auto", dict(path="mma"))] + [
-        (f"mma R{r} w{nw} GS{gs} S{st}", dict(path="mma", config={"R": r, "GS": gs, "STAGES": st, "num_warps": nw}))
-        for r, nw, gs, st in MMA_CONFIGS]
-    gemv_variants = [("gemv auto", dict(path="gemv"))] + [
+    gemv_variants = [("auto", {})] + [
         (f"U{c.kwargs['BLOCK_H'] // 2} H{c.kwargs['BLOCK_H']} K{c.kwargs['BLOCK_K']} w{c.num_warps}",
-         dict(path="gemv", config=dict(c.kwargs, BLOCK_U=c.kwargs["BLOCK_H"] // 2, num_warps=c.num_warps)))
+         dict(config=dict(c.kwargs, BLOCK_U=c.kwargs["BLOCK_H"] // 2, num_warps=c.num_warps)))
         for c in mt._gemv_configs("BLOCK_H", False)]
     for N in ([1] if args.quick else [1, 4, 8]):
         xs = [tokens(N, E, H, K, dev) for _ in layers]
         nbytes = [expert_bytes(ids, E, H, I) for (_, _, ids) in xs]
         avg_bytes = sum(bb for _, bb in nbytes) / len(nbytes)
         avg_u = sum(u for u, _ in nbytes) / len(nbytes)
-        variants = mma_variants + gemv_variants if N == 1 else [mma_variants[0], gemv_variants[0]]
+        variants = gemv_variants if N == 1 else gemv_variants[:1]
         for variant, kw in variants:
+            kw = dict(path="gemv", **kw)
             try:
                 state = {"i": 0}
 

@@ -61,8 +61,7 @@ try:  # triton is optional (the `gpu` extra); the reference path never needs it
     import triton.language as tl
 
     from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
-    from gptoss.kernels.moe_mma_gemv import mlp_mma_gemv
-    from gptoss.kernels.swiglu_triton import swiglu_rounded
+    from gptoss.kernels.rounding import round_to
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is missing or broken
@@ -70,6 +69,7 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
     tl = None
     HAS_TRITON = False
 
+SWIGLU_ALPHA = 1.702
 # N <= this: GEMV kernels; above: grouped GEMM. Measured crossover on the H100 (scripts/moe_crossover.py, 20b
 # shapes, graphed, with the GEMM's dot_scaled tiles): GEMV 185 us vs GEMM 186 at 6 tokens, 238 vs 243 at 8, 350 vs
 # 307 at 12, 457 vs 290 at 16.
@@ -130,6 +130,16 @@ if HAS_TRITON:
     def _scale_value(s):
         """uint8 E8M0 scale bytes -> 2^(s - 127) as float32 (s = 0 gives 0 instead of 2^-127)."""
         return (s.to(tl.uint32) << 23).to(tl.float32, bitcast=True)
+
+    @triton.jit
+    def _swiglu(h_glu, h_lin, limit, DT: tl.constexpr):
+        """Clamped SwiGLU of float32 mlp1 outputs, rounded as the pure path's torch ops on DT tensors round:
+        h (F.linear's output), 1.702 * glu, its sigmoid, glu * sigmoid, lin + 1 and the product each to DT.
+        Returns float32 values that DT holds exactly."""
+        glu = tl.minimum(round_to(h_glu, DT), limit)
+        lin = tl.minimum(tl.maximum(round_to(h_lin, DT), -limit), limit)
+        gated = round_to(glu * round_to(tl.sigmoid(round_to(1.702 * glu, DT)), DT), DT)
+        return round_to(gated * round_to(lin + 1.0, DT), DT)
 
     # ------------------------------------------------------------------------------------------------------
     # Decode: GEMV. Grid (M pairs, row blocks). Program (i, j) works only if pair i is the first pair of its
@@ -233,7 +243,7 @@ if HAS_TRITON:
                 tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
                 h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K) + bias  # (R,)
                 glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
-                out = swiglu_rounded(glu, lin, limit, ACT_DTYPE)
+                out = _swiglu(glu, lin, limit, ACT_DTYPE)
                 tl.store(act_ptr + p * I + units, out.to(act_ptr.dtype.element_ty), mask=units < I)
 
     @triton.jit
@@ -417,7 +427,7 @@ if HAS_TRITON:
 
         h = acc + tl.load(b_ptr + wrows, mask=wmask, other=0.0).to(tl.float32)[None, :]
         glu, lin = tl.split(tl.reshape(h, (BM, BN, 2)))
-        out = swiglu_rounded(glu, lin, limit, x_ptr.dtype.element_ty)  # (BM, BN)
+        out = _swiglu(glu, lin, limit, x_ptr.dtype.element_ty)  # (BM, BN)
         units = j * BN + tl.arange(0, BN)
         optr = act_ptr + rows.to(tl.int64)[:, None] * I + units[None, :]
         tl.store(optr, out.to(act_ptr.dtype.element_ty), mask=rmask[:, None] & (units < I)[None, :])
@@ -585,10 +595,9 @@ def moe_triton(
     residual (N, H): returns residual + that sum instead (the block's residual add, fused into the last kernel).
     x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
 
-    path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv", "mma" (the GEMV on the tensor cores,
-      gptoss.kernels.moe_mma_gemv; sm_89+) or "gemm".
+    path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
-      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"}; mma: {"R", "GS", "STAGES", "num_warps"};
+      gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
       gemm: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
@@ -624,13 +633,6 @@ def moe_triton(
     if path == "auto":
         path = "gemv" if gemv_serves(N) else "gemm"
 
-    if path == "mma":
-        xf = x.float() if x_float32 is None else x_float32
-        y = mlp_mma_gemv(xf, expert_ids.reshape(-1).contiguous(), mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
-                         mlp2_scales, mlp2_bias, limit, K, _TL_DTYPES[x.dtype], x.dtype, pdl=pdl_enabled(x),
-                         config=config)
-        return _combine(y, weights, residual, x.dtype)
-
     if path == "gemv":
         # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
         ids = expert_ids.reshape(-1).contiguous()
@@ -660,7 +662,7 @@ def moe_triton(
         return _combine(y, weights, residual, x.dtype)
 
     if path != "gemm":
-        raise ValueError(f"path must be 'auto', 'gemv', 'mma' or 'gemm', got {path!r}")
+        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
     denorm = _denorm_default() if denorm is None else denorm
     flat_e = expert_ids.reshape(-1)
     _, order = torch.sort(flat_e.to(torch.int32), stable=True)  # (M,): pairs grouped by expert
