@@ -10,7 +10,9 @@ off below sm_90). A build proves that no sm_90-only instruction is required; it 
 
 import argparse
 import collections
+import importlib
 import os
+import pkgutil
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,24 +21,28 @@ import torch
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource, compile as triton_compile
 
+import gptoss.kernels
 from gptoss.bench import random_model
 from gptoss.generate import TokenGenerator
-from gptoss.kernels import attention_triton, linear_triton, moe_triton, norm_triton, route_triton, sample_triton
+from gptoss.kernels import moe_triton
 from gptoss.kernels.moe import route
 
 
 def jit_functions():
-    """Every JITFunction reachable from the kernel modules' globals (autotuners unwrapped)."""
+    """Every JITFunction reachable from the globals of gptoss.kernels' modules: directly, through an autotuner, or
+    in a dict of lazily built autotuners (moe_triton's)."""
+    modules = [importlib.import_module(f"gptoss.kernels.{m.name}")
+               for m in pkgutil.iter_modules(gptoss.kernels.__path__)]
     seen = {}
-    stack = [v for m in (attention_triton, linear_triton, moe_triton, norm_triton, route_triton, sample_triton)
-             for v in vars(m).values()]
-    stack += list(moe_triton._TUNED.values())
+    stack = [v for m in modules for v in vars(m).values()]
     while stack:
         obj = stack.pop()
         if hasattr(obj, "device_caches"):
             seen[id(obj)] = obj
         elif hasattr(obj, "fn") and hasattr(obj, "configs"):  # triton.autotune's Autotuner
             stack.append(obj.fn)
+        elif isinstance(obj, dict):
+            stack += list(obj.values())
     return list(seen.values())
 
 
@@ -87,6 +93,8 @@ def main():
     parser.add_argument("--preset", default="gpt-oss-20b")
     parser.add_argument("--arch", type=int, nargs="+", default=[80, 86, 89])
     args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("compile_for_arch.py: needs a CUDA GPU (it compiles what a run on one builds)")
     exercise(args.preset)
     kernels = compiled_kernels(torch.cuda.current_device())
     names = collections.Counter(k.src.fn.__name__ for k in kernels)

@@ -14,6 +14,7 @@ and a 256 MB device copy gives the card's streaming rate for comparison.
 import torch
 import triton
 import triton.language as tl
+import triton.testing
 
 E, ROWS, H, LAYERS = 32, 5760, 2880, 8  # 20b mlp1: 2I = 5760 rows of H = 2880 inputs (1440 bytes)
 WORDS = ROWS * H // 8  # int32 words an expert
@@ -44,28 +45,15 @@ def _flat_kernel(w_ptr, ids_ptr, out_ptr, EW: tl.constexpr, CHUNK: tl.constexpr,
     tl.store(out_ptr + i * 4096 + j, tl.sum(acc, 0))
 
 
-def bench_us(fn, calls=LAYERS, replays=50):
-    """GPU microseconds per call: `calls` calls captured in a CUDA graph (so that host launch time is not counted),
-    the graph replayed back to back."""
-    fn()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    for _ in range(3):
-        graph.replay()
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(replays):
-        graph.replay()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / (replays * calls) * 1000
+def per_call_us(call, calls=LAYERS):
+    """GPU microseconds per call of `call`: `calls` calls (one per layer's weights) timed by CUDA-graph replay, so
+    that host launch time is not counted."""
+    return triton.testing.do_bench_cudagraph(lambda: [call() for _ in range(calls)], rep=50) * 1000 / calls
 
 
 def main():
+    if not torch.cuda.is_available():
+        raise SystemExit("read_floor.py: needs a CUDA GPU")
     print(f"device: {torch.cuda.get_device_name()}; 4 experts' mlp1 bytes: {NBYTES / 1e6:.1f} MB", flush=True)
     weights = [torch.randint(0, 2**31 - 1, (E * WORDS,), dtype=torch.int32, device="cuda") for _ in range(LAYERS)]
     ids = [torch.randperm(E, device="cuda")[:4].to(torch.int32) for _ in range(LAYERS)]
@@ -80,7 +68,7 @@ def main():
         def call():
             w, e = layer()
             _rows_kernel[(4, ROWS // r)](w, e, out, KW=H // 8, R=r, BK=bk, ROWS_E=ROWS, num_warps=warps)
-        us = bench_us(call)
+        us = per_call_us(call)
         print(f"rows R{r} BK{bk} w{warps}: {us:.1f} us -> {NBYTES / us / 1e6:.2f} TB/s", flush=True)
     for chunk, block, warps in [(8192, 1024, 4), (16384, 2048, 4), (32768, 2048, 8), (65536, 4096, 8),
                                 (4096, 1024, 4), (16384, 4096, 8), (131072, 4096, 8)]:
@@ -89,12 +77,12 @@ def main():
         def call():
             w, e = layer()
             _flat_kernel[grid](w, e, out, EW=WORDS, CHUNK=chunk, BLOCK=block, num_warps=warps)
-        us = bench_us(call)
+        us = per_call_us(call)
         print(f"flat chunk {chunk * 4 // 1024} KB block {block} w{warps} ({grid[1] * 4} programs): {us:.1f} us -> "
               f"{NBYTES / us / 1e6:.2f} TB/s", flush=True)
     src = torch.empty(1 << 28, dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
-    us = bench_us(lambda: dst.copy_(src), calls=4, replays=10)
+    us = per_call_us(lambda: dst.copy_(src), calls=1)
     print(f"copy 256 MB: {us:.0f} us -> {2 * src.numel() / us / 1e6:.2f} TB/s read + write", flush=True)
 
 
