@@ -28,13 +28,13 @@ tl = pytest.importorskip("triton.language")
 GPU = torch.cuda.is_available() and not INTERPRET
 
 
-def make_layer(E, H, I, device, seed=0):
+def make_layer(E, H, I, device, seed=0, scales=(118, 125)):
     g = torch.Generator(device="cpu").manual_seed(seed)
     mlp1 = MXFP4Experts(E, 2 * I, H, device=device)
     mlp2 = MXFP4Experts(E, H, I, device=device)
     for store in (mlp1, mlp2):
         store.blocks.copy_(torch.randint(0, 256, store.blocks.shape, generator=g, dtype=torch.uint8))
-        store.scales.copy_(torch.randint(118, 125, store.scales.shape, generator=g, dtype=torch.uint8))
+        store.scales.copy_(torch.randint(*scales, store.scales.shape, generator=g, dtype=torch.uint8))
     b1 = (torch.randn(E, 2 * I, generator=g) * 0.5).to(torch.bfloat16).to(device)
     b2 = (torch.randn(E, H, generator=g) * 0.5).to(torch.bfloat16).to(device)
     return mlp1, b1, mlp2, b2
@@ -66,8 +66,12 @@ def rel_err(out, ref):
 TOL = 2e-2 if INTERPRET else 1e-2
 
 
-def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=TOL, denorm=None):
-    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed)
+def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=TOL, denorm=None, scales=(118, 125),
+          against_triton=None):
+    """moe_triton against the pure moe() (relative error <= tol); against_triton: also against moe_triton's own
+    GEMM (path gemm_triton, autotuned) within that bound, for the tensor-core kernels, which compute the same
+    exact products and differ only in summation order."""
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed, scales=scales)
     x, w, ids = make_tokens(N, E, H, K, device, seed=seed + 100)
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
     out = torch.full_like(ref, float("nan"))  # poison: the result must be fully written
@@ -77,6 +81,11 @@ def check(N, E, H, I, K, device, path="auto", config=None, seed=0, tol=TOL, deno
     assert torch.isfinite(out).all()
     err = rel_err(out, ref)
     assert err <= tol, f"N={N} path={path}: relative error {err:.3e}"
+    if against_triton is not None:
+        other = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0,
+                           path="gemm_triton")
+        diff = rel_err(out, other)
+        assert diff <= against_triton, f"N={N}: {diff:.3e} from the Triton GEMM"
     return err
 
 
@@ -124,8 +133,8 @@ def test_interpret_gemm(N, denorm, swap):
 @interp_only
 def test_interpret_uneven_k():
     # H = I = 96: BK = 64 leaves a masked tail step; ROWS / BN do not divide the rows
-    check(7, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 16, "BN": 32, "BK": 64})
-    check(20, E=4, H=96, I=96, K=2, device="cpu", path="gemm", config={"BM": 32, "BN": 64, "BK": 64, "SWAP": True})
+    check(7, E=4, H=96, I=96, K=2, device="cpu", path="gemm_triton", config={"BM": 16, "BN": 32, "BK": 64})
+    check(20, E=4, H=96, I=96, K=2, device="cpu", path="gemm_triton", config={"BM": 32, "BN": 64, "BK": 64, "SWAP": True})
     check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv", config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
 
 
@@ -250,7 +259,7 @@ def test_gpu_every_gemm_tile_candidate(index, mlp1):
     may not fit the other: that one is skipped, as the autotuner skips it."""
     candidate = _dot_configs(mlp1, scaled=True)[index]
     try:
-        check(48, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm", seed=60 + index,
+        check(48, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm_triton", seed=60 + index,
               config=dict(candidate.kwargs, num_warps=candidate.num_warps, num_stages=candidate.num_stages))
     except triton.runtime.errors.OutOfResources:
         pytest.skip(f"{candidate} does not fit both kernels")
@@ -267,9 +276,9 @@ def test_gpu_residual(path):
 def test_gpu_gemv_masked_tails(N):
     check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemv", seed=40 + N,
           config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
-    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=50 + N,
+    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm_triton", seed=50 + N,
           config={"BM": 64, "BN": 64, "BK": 64, "SWAP": N == 3, "num_warps": 4, "num_stages": 3})
-    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=60 + N,  # dot_scaled, K tail masked
+    check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm_triton", seed=60 + N,  # dot_scaled, K tail masked
           config={"BM": 16, "BN": 64, "BK": 128, "SCALED": True, "num_warps": 4, "num_stages": 3})
 
 
@@ -313,3 +322,48 @@ def test_gpu_cuda_graph(N):
     graph.replay()
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
     assert rel_err(out, ref) <= 1e-2
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The tensor-core grouped GEMM (gptoss.kernels.moe_mma), which path="gemm" picks on GPUs where it serves
+# ---------------------------------------------------------------------------------------------------------------
+def _mma_configs():
+    from gptoss.kernels.moe_mma import _CONFIGS, HAS_GLUON
+
+    return _CONFIGS if HAS_GLUON else []
+
+
+mma_only = pytest.mark.skipif(not GPU, reason="needs CUDA")
+
+
+@mma_only
+@pytest.mark.parametrize("tile", _mma_configs())
+def test_gpu_every_mma_tile_candidate(tile):
+    """Each candidate the autotuner may pick computes the same function: against the pure path and, tighter,
+    against the Triton GEMM (batched-decode and prefill sizes, real shapes)."""
+    config = dict(zip(("R", "T", "num_warps"), tile))
+    for N in (48, 300):
+        check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm_mma", seed=90 + N, config=config,
+              against_triton=3e-3)
+
+
+@mma_only
+@pytest.mark.parametrize("N", [1, 3, 40])
+def test_gpu_mma_tails(N):
+    """An odd number of 32-input blocks (H = I = 96: 3), weight rows fewer than a tile (192 / 96 rows), tokens
+    fewer than a tile, and the largest scale byte the kernels take (128)."""
+    for config in ({"R": 128, "T": 16, "num_warps": 4}, {"R": 64, "T": 8, "num_warps": 4},
+                   {"R": 256, "T": 32, "num_warps": 8}):
+        check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm_mma", seed=70 + N, config=config,
+              scales=(120, 129), against_triton=3e-3)
+
+
+@mma_only
+def test_gpu_mma_large_scales_fall_back():
+    """A scale byte above 128 would overflow the kernels' bf16 multiplier: path gemm then takes the Triton GEMM
+    (and stays exact), and forcing gemm_mma is refused."""
+    check(40, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=3, scales=(126, 131))
+    mlp1, b1, mlp2, b2 = make_layer(8, 96, 96, "cuda", seed=3, scales=(126, 131))
+    x, w, ids = make_tokens(40, 8, 96, 2, "cuda", seed=4)
+    with pytest.raises(ValueError, match="does not serve"):
+        moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path="gemm_mma")

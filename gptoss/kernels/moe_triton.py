@@ -18,8 +18,9 @@ Rounding follows the pure path: each expert's output is rounded to x's dtype (as
 weighted sum is float32, rounded once, then the residual is added. Weights are read as packed bytes (or int32
 words) and decoded in registers from their bits (no lookup table); products and sums are fp32.
 
-Two kernel families:
-  * decode (N <= DECODE_MAX_TOKENS): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
+Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.moe_mma` (Gluon), which serves
+2-128 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
+  * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
     model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
@@ -51,6 +52,7 @@ numpy < 2.3 for these kernels (loops bounded by a runtime argument fail on numpy
 from __future__ import annotations
 
 import os
+import weakref
 
 import torch
 
@@ -70,15 +72,23 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
     HAS_TRITON = False
 
 SWIGLU_ALPHA = 1.702
-# N <= this: GEMV kernels; above: grouped GEMM. Measured crossover on the H100 (scripts/moe_crossover.py, 20b
-# shapes, graphed, with the GEMM's dot_scaled tiles): GEMV 185 us vs GEMM 186 at 6 tokens, 238 vs 243 at 8, 350 vs
-# 307 at 12, 457 vs 290 at 16.
+# Which kernels path "auto" runs for N tokens, from scripts/moe_crossover.py (H200, 20b shapes, graphed, us a layer
+# call; GEMV / this module's GEMM / the tensor-core GEMM of gptoss.kernels.moe_mma):
+#   N=1 37.9 / 78.9 / 60.8, N=2 76.7 / 102.5 / 73.7, N=8 229.6 / 235.6 / 175.2, N=64 - / 289.7 / 257.9,
+#   N=128 - / 390.5 / 357.6, N=256 - / 458.3 / 518.8, N=1024 - / 979.9 / 1148.6.
+# So: the GEMV at one token; the tensor-core GEMM from MMA_MIN_TOKENS to MMA_MAX_TOKENS where it serves (bf16
+# activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above.
+MMA_MIN_TOKENS = 2
+MMA_MAX_TOKENS = 128
+# The GEMV against this module's GEMM (H100, with the GEMM's dot_scaled tiles): 185 vs 186 us at 6 tokens, 238 vs
+# 243 at 8, 350 vs 307 at 12.
 DECODE_MAX_TOKENS = 8
 
 
 def gemv_serves(num_tokens: int) -> bool:
-    """Whether moe_triton's automatic choice runs the GEMV kernels (which read x in float32) for this many tokens."""
-    return num_tokens <= DECODE_MAX_TOKENS
+    """Whether moe_triton's automatic choice runs the GEMV kernels (which read x in float32) for this many tokens
+    on a GPU where the tensor-core GEMM serves (elsewhere it also runs them up to DECODE_MAX_TOKENS)."""
+    return num_tokens < MMA_MIN_TOKENS
 
 
 def moe_fast_available(x: torch.Tensor) -> bool:
@@ -571,6 +581,33 @@ def _denorm_default() -> bool:
     return os.environ.get("GPTOSS_MXFP4_DEQUANT", "denorm") != "safe"
 
 
+_SCALES_FIT: dict[int, tuple] = {}  # id(scales) -> (weak reference, version, fits)
+
+
+def _scales_fit(scales: torch.Tensor) -> bool:
+    """Whether every scale byte is at most moe_mma.MAX_SCALE_BYTE (its kernels' bf16 multiplier stays finite),
+    remembered per tensor and version: the check reads the maximum back once, so under CUDA-graph capture an
+    unchecked tensor counts as not fitting."""
+    from gptoss.kernels.moe_mma import MAX_SCALE_BYTE
+
+    known = _SCALES_FIT.get(id(scales))
+    if known is None or known[0]() is not scales or known[1] != scales._version:
+        if scales.is_cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        key = id(scales)
+        ref = weakref.ref(scales, lambda _: _SCALES_FIT.pop(key, None))
+        known = (ref, scales._version, int(scales.max()) <= MAX_SCALE_BYTE)
+        _SCALES_FIT[key] = known
+    return known[2]
+
+
+def _mma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> bool:
+    from gptoss.kernels.moe_mma import mma_gemm_available
+
+    return (not triton_interpreting() and mma_gemm_available(x) and _scales_fit(mlp1_scales)
+            and _scales_fit(mlp2_scales))
+
+
 def moe_triton(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -595,10 +632,12 @@ def moe_triton(
     residual (N, H): returns residual + that sum instead (the block's residual add, fused into the last kernel).
     x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
 
-    path: "auto" (GEMV for N <= DECODE_MAX_TOKENS, else grouped GEMM), "gemv" or "gemm".
+    path: "auto" (by N, see MMA_MIN_TOKENS above), "gemv", "gemm" (the tensor-core kernels of `gptoss.kernels.moe_mma`
+      up to MMA_MAX_TOKENS where they serve, else this module's), "gemm_mma" or "gemm_triton" (one of the two).
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
       gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
-      gemm: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"}.
+      gemm_triton: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"};
+      gemm_mma: {"R", "T", "num_warps"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
@@ -631,7 +670,12 @@ def moe_triton(
     limit = float(swiglu_limit)
 
     if path == "auto":
-        path = "gemv" if gemv_serves(N) else "gemm"
+        if gemv_serves(N):
+            path = "gemv"
+        elif N <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
+            path = "gemm_mma"
+        else:
+            path = "gemv" if N <= DECODE_MAX_TOKENS else "gemm_triton"
 
     if path == "gemv":
         # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
@@ -661,8 +705,12 @@ def moe_triton(
                                                          MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
         return _combine(y, weights, residual, x.dtype)
 
-    if path != "gemm":
-        raise ValueError(f"path must be 'auto', 'gemv' or 'gemm', got {path!r}")
+    if path not in ("gemm", "gemm_mma", "gemm_triton"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma' or 'gemm_triton', got {path!r}")
+    if path == "gemm":
+        path = "gemm_mma" if N <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales) else "gemm_triton"
+    elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
     flat_e = expert_ids.reshape(-1)
     _, order = torch.sort(flat_e.to(torch.int32), stable=True)  # (M,): pairs grouped by expert
@@ -670,6 +718,12 @@ def moe_triton(
     counts = torch.zeros(E, dtype=torch.int32, device=dev)
     counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int32))  # bincount would sync
     seg_end = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end sorted row of each expert
+    if path == "gemm_mma":
+        from gptoss.kernels.moe_mma import mlp_mma_gemm
+
+        y = mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
+                         limit, K, config=config)
+        return _combine(y, weights, residual, x.dtype)
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
     y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order
     EP = _next_pow2(E)

@@ -1,0 +1,357 @@
+"""The MoE grouped GEMM on the tensor cores with the FP4 decode in the MMA's own register layout (Gluon, mma.sync).
+
+`moe_triton`'s grouped GEMM leaves the FP4 decode to Triton: a float32 decode (~7 instructions a weight) whose
+result then moves through shared memory into the MMA's operand layout, and on Hopper it runs at ~200 TFLOP/s.
+Here the product is computed as W @ x^T (weight rows are the MMA's M, tokens its N) and each lane decodes exactly
+the weights its A fragment holds, from the bytes as the checkpoint stores them:
+
+  * Lane (g, t) of a warp loads one 32-bit word of each of its rows per 32-input block: bytes 4t .. 4t+3 of the
+    block (inputs 8t .. 8t+7) of rows g and g + 8 of each of its 16-row tiles. That is the A operand of a bf16 MMA
+    pair (k = 32) whose k-width is 8 (Gluon's DotOperandLayout(0, mma, k_width=8)).
+  * FP4 -> bf16 in 15 instructions for 8 weights (`_FP4_TO_BF16`): each code's sign, exponent and mantissa bits
+    are moved into a bf16 as sign | exponent field e | mantissa top bit m, which is the FP4 value times 2^-126
+    (code 1 = 0.5 lands on the bf16 subnormal 2^-127); one bf16x2 multiply by 2^(s - 1) = 2^126 * 2^(s - 127)
+    applies the block scale too. Exact: every product is a bf16 value (scale bytes up to 128, see
+    `mma_gemm_serves`).
+  * The decode pairs bytes (0, 2) and (1, 3) of the word, so a lane's 8 inputs come out in the order
+    0, 4, 2, 6, 1, 5, 3, 7; the activations, loaded as 8 consecutive bf16 a lane, are permuted in registers to the
+    same order (a few byte permutes, shared by all of the warp's row tiles). The MMA sums over k in any order.
+  * Products and sums are fp32 in the tensor cores; the output is rounded as `moe_triton`'s GEMM rounds it.
+
+Grid, tiles and outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, each program one block
+of weight rows times one tile of an expert's sorted rows), so `moe_triton` calls these kernels in place of its own.
+mlp1's tiles take the gate rows 2u in their first 8 rows of each 16 and the linear rows 2u + 1 in the next 8, so a
+lane holds both halves of a SwiGLU unit.
+
+Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
+path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Gluon's API is experimental: any mismatch disables this path, never the package
+    import triton
+    import triton.language as tl  # noqa: F401 - Triton's interpreter looks it up in a jit function's module
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+
+    from gptoss.kernels.moe_triton import _swiglu
+    from gptoss.kernels.rounding import round_to
+
+    HAS_GLUON = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAS_GLUON = False
+
+# The largest E8M0 scale byte whose multiplier 2^(s - 1) is a finite bf16 (weights up to 12 in magnitude).
+MAX_SCALE_BYTE = 128
+
+
+@functools.cache
+def _capable(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
+def mma_gemm_available(x: torch.Tensor) -> bool:
+    """Whether these kernels can serve x's device: Gluon importable, sm_80+, bf16 activations, not turned off with
+    GPTOSS_MOE_GEMM=triton."""
+    return (HAS_GLUON and x.is_cuda and x.dtype == torch.bfloat16
+            and os.environ.get("GPTOSS_MOE_GEMM", "mma") != "triton"
+            and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
+if HAS_GLUON:
+    # One 32-bit word $4 (4 packed bytes, 8 FP4 codes; $5 .. $11 repeat it) and the block's bf16 multiplier
+    # 2^(s - 1) (both halves of $12; $13 .. $15 repeat it)
+    # -> 4 bf16x2 registers: $0 = low nibbles of bytes 0 and 2, $1 = low nibbles of bytes 1 and 3, $2 / $3 the
+    # high nibbles likewise. Each nibble's 3 magnitude bits go to bf16 bits 6..8 (16 bits apart for the pair: one
+    # shift serves both halves), its sign bit to bit 15.
+    _FP4_TO_BF16 = gl.constexpr("""{
+    .reg .b32 m, s;
+    shl.b32 m, $4, 6;
+    and.b32 m, m, 0x01C001C0;
+    shl.b32 s, $4, 12;
+    and.b32 s, s, 0x80008000;
+    or.b32 m, m, s;
+    mul.rn.bf16x2 $0, m, $12;
+    shr.b32 m, $4, 2;
+    and.b32 m, m, 0x01C001C0;
+    shl.b32 s, $4, 4;
+    and.b32 s, s, 0x80008000;
+    or.b32 m, m, s;
+    mul.rn.bf16x2 $1, m, $12;
+    shl.b32 m, $4, 2;
+    and.b32 m, m, 0x01C001C0;
+    shl.b32 s, $4, 8;
+    and.b32 s, s, 0x80008000;
+    or.b32 m, m, s;
+    mul.rn.bf16x2 $2, m, $12;
+    shr.b32 m, $4, 6;
+    and.b32 m, m, 0x01C001C0;
+    and.b32 s, $4, 0x80008000;
+    or.b32 m, m, s;
+    mul.rn.bf16x2 $3, m, $12;
+    }""")
+
+    @gluon.constexpr_function
+    def _log2(n):
+        return n.bit_length() - 1
+
+    @gluon.constexpr_function
+    def _acc_layout(nw):
+        """(R, T) accumulators: the warps split the rows (16-row tiles, round robin), each warp holds all T tokens."""
+        return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1], instr_shape=[16, 8])
+
+    @gluon.constexpr_function
+    def _words_layout(r, nw):
+        """(R, 4, 8) packed words of one 32-input block, each repeated 8 times (the 8 weights it decodes to): lane
+        (g, t) holds word t (inputs 8t .. 8t+7) of rows g and g + 8 of each 16-row tile of its warp (warp w has
+        tiles w, w + NW, ...), as the A fragments want them; the last dimension is a broadcast in registers."""
+        reps = [[16 * nw << m, 0, 0] for m in range(_log2(r // (16 * nw)))]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]] + reps,
+                                          lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                          warp_bases=[[16 << w, 0, 0] for w in range(_log2(nw))], block_bases=[],
+                                          shape=[r, 4, 8])
+
+    @gluon.constexpr_function
+    def _acts_layout(t, nw):
+        """(T, 32) activations of one 32-input block: lane (g, t) holds inputs 8t .. 8t+7 (registers) of tokens
+        g, g + 8, ...; every warp holds the same (the B fragments of all its row tiles)."""
+        reps = [[8 << n, 0] for n in range(_log2(t // 8))]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4]] + reps,
+                                          lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=[[0, 0] for _ in range(_log2(nw))], block_bases=[],
+                                          shape=[t, 32])
+
+    @gluon.jit
+    def _tile(seg_ptr, t, E, EP: gl.constexpr, BM: gl.constexpr):
+        """-> (expert or >= E if tile t is unused, first sorted row, end sorted row) of row tile t, as
+        `moe_triton._tile` numbers them: each expert's rows split into BM-row tiles, expert by expert."""
+        lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
+        ei = gl.arange(0, EP, layout=lay)
+        em = ei < E
+        end = gl.load(seg_ptr + ei, mask=em, other=0)
+        start = gl.load(seg_ptr + ei - 1, mask=em & (ei > 0), other=0)
+        nt = (end - start + BM - 1) // BM
+        t_end = gl.associative_scan(nt, 0, _add)
+        e = gl.sum((t_end <= t).to(gl.int32), 0)
+        sel = ei == e
+        row0 = gl.sum(gl.where(sel, start + (t - (t_end - nt)) * BM, 0), 0)
+        row_end = gl.sum(gl.where(sel, end, 0), 0)
+        return e, row0, row_end
+
+    @gluon.jit
+    def _add(a, b):
+        return a + b
+
+    @gluon.jit
+    def _load_weights(w_ptrs, s_ptrs, g, G: gl.constexpr):
+        """Block g's packed words (R, 4) and scale bytes (R,); g past the last block reads the last (unused)."""
+        g = gl.minimum(g, G - 1)
+        return gl.load(w_ptrs + g * 4), gl.load(s_ptrs + g)
+
+    @gluon.jit
+    def _load_acts(x_ptrs, g, G: gl.constexpr):
+        """Block g's activations (T, 32); g past the last block reads the last (unused)."""
+        return gl.load(x_ptrs + gl.minimum(g, G - 1) * 32)
+
+    @gluon.jit
+    def _mma_block(acc, wd, s, xv, NW: gl.constexpr):
+        """acc (R, T) += W_block (R, 32) @ x_block (T, 32)^T on the tensor cores (see the module docstring)."""
+        R: gl.constexpr = wd.shape[0]
+        T: gl.constexpr = xv.shape[0]
+        mma: gl.constexpr = _acc_layout(NW)
+        wl: gl.constexpr = _words_layout(R, NW)
+        a_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
+        b_dot: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
+        mult = ((s.to(gl.int32) + 126) << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)  # 2^(s - 1)
+        shape: gl.constexpr = [R, 4, 8]
+        wd8 = gl.broadcast(wd[:, :, None], gl.full(shape, 0, gl.int32, wl))[0]
+        mult8 = gl.broadcast(mult[:, None, None], gl.full(shape, 0, gl.bfloat16, wl))[0]
+        w = gl.inline_asm_elementwise(_FP4_TO_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [wd8, mult8],
+                                      dtype=gl.bfloat16, is_pure=True, pack=8)
+        # w[r, t, i] holds input 8t + pi(i), pi = (0, 4, 2, 6, 1, 5, 3, 7) (bit-reversed i): the MMA's k' = 8t + i
+        a = gl.reshape(w, [R, 32])
+        # activations (T, 32) = (T, 4 t, 2 c2, 2 c1, 2 c0) for input 8t + 4 c2 + 2 c1 + c0 -> k' = 8t + 4 c0 + ...
+        b = gl.reshape(gl.permute(gl.reshape(xv, [T, 4, 2, 2, 2]), [0, 1, 4, 3, 2]), [T, 32])
+        return mma_v2(gl.convert_layout(a, a_dot), gl.convert_layout(gl.permute(b, [1, 0]), b_dot), acc)
+
+    @gluon.jit
+    def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr):
+        """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,)
+        int64 of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a
+        (., KDIM) bf16 matrix. Every row index must be valid (callers point unused rows at a real one and drop
+        their results): the loop has no masks. wrow in `_row_layout`, xrow in SliceLayout(1, `_acts_layout`)."""
+        R: gl.constexpr = wrow.shape[0]
+        wl: gl.constexpr = gl.SliceLayout(2, _words_layout(R, NW))
+        xl: gl.constexpr = _acts_layout(T, NW)
+        G: gl.constexpr = KDIM // 32
+        kw = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))
+        kx = gl.arange(0, 32, layout=gl.SliceLayout(0, xl))
+        w_ptrs = w_ptr + wrow[:, None] * (KDIM // 8) + kw[None, :]
+        s_ptrs = s_ptr + wrow * G
+        x_ptrs = x_ptr + xrow[:, None] * KDIM + kx[None, :]
+        acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
+        # The weights come from HBM: their loads run 4 blocks ahead (four register sets, rotated by unrolling the
+        # loop by 4). The activations, which the programs of a token tile share through L2, run one block ahead
+        # (two sets, ping-pong). No register copies.
+        w0, s0 = _load_weights(w_ptrs, s_ptrs, 0, G)
+        w1, s1 = _load_weights(w_ptrs, s_ptrs, 1, G)
+        w2, s2 = _load_weights(w_ptrs, s_ptrs, 2, G)
+        w3, s3 = _load_weights(w_ptrs, s_ptrs, 3, G)
+        xa = _load_acts(x_ptrs, 0, G)
+        for q in range(G // 4):  # blocks 4q .. 4q+3
+            g = 4 * q
+            xb = _load_acts(x_ptrs, g + 1, G)
+            acc = _mma_block(acc, w0, s0, xa, NW)
+            w0, s0 = _load_weights(w_ptrs, s_ptrs, g + 4, G)
+            xa = _load_acts(x_ptrs, g + 2, G)
+            acc = _mma_block(acc, w1, s1, xb, NW)
+            w1, s1 = _load_weights(w_ptrs, s_ptrs, g + 5, G)
+            xb = _load_acts(x_ptrs, g + 3, G)
+            acc = _mma_block(acc, w2, s2, xa, NW)
+            w2, s2 = _load_weights(w_ptrs, s_ptrs, g + 6, G)
+            xa = _load_acts(x_ptrs, g + 4, G)
+            acc = _mma_block(acc, w3, s3, xb, NW)
+            w3, s3 = _load_weights(w_ptrs, s_ptrs, g + 7, G)
+        # the last G % 4 blocks: in w0.., with xa holding the first one's activations
+        base: gl.constexpr = G // 4 * 4
+        if G % 4 >= 1:
+            xb = _load_acts(x_ptrs, base + 1, G)
+            acc = _mma_block(acc, w0, s0, xa, NW)
+            if G % 4 >= 2:
+                xa = _load_acts(x_ptrs, base + 2, G)
+                acc = _mma_block(acc, w1, s1, xb, NW)
+                if G % 4 >= 3:
+                    acc = _mma_block(acc, w2, s2, xa, NW)
+        return acc
+
+    @gluon.constexpr_function
+    def _row_layout(r, nw):
+        """Layout of the (R,) weight row indices `_gemm_rows` takes."""
+        return gl.SliceLayout(1, gl.SliceLayout(2, _words_layout(r, nw)))
+
+    @gluon.jit
+    def _mlp1_swiglu_mma_kernel(
+        x_ptr,  # (N, H) bf16
+        order_ptr,  # (M,) int32 sorted row -> pair
+        seg_ptr,  # (E,) int32 end sorted row of each expert
+        E,
+        w_ptr,  # (E, 2I, H/32, 4) int32 view of the packed blocks
+        s_ptr,  # (E, 2I, H/32) uint8
+        b_ptr,  # (E, 2I)
+        act_ptr,  # (M, I) bf16 out, sorted rows
+        limit,
+        tune_m,  # M rounded to a power of two: autotuning key only
+        H: gl.constexpr, I: gl.constexpr, K_ROUTE: gl.constexpr, EP: gl.constexpr,
+        R: gl.constexpr,  # weight rows per program (R / 2 SwiGLU units)
+        T: gl.constexpr,  # sorted rows (tokens) per tile
+    ):
+        NW: gl.constexpr = gl.num_warps()
+        xl: gl.constexpr = _acts_layout(T, NW)
+        j = gl.program_id(0)
+        e, start, end = _tile(seg_ptr, gl.program_id(1), E, EP, T)
+        if e < E:
+            # rows past the tile's end read its last row (their results are not stored)
+            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
+            tok = (gl.load(order_ptr + rows) // K_ROUTE).to(gl.int64)
+            # tile row r: unit j * R/2 + (r // 16) * 8 + r % 8, gate (row 2u) in r % 16 < 8, linear (2u + 1) above;
+            # units past I read unit I - 1
+            r = gl.arange(0, R, layout=_row_layout(R, NW))
+            unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
+            wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
+            acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, H, T, NW)  # (R, T)
+            ol: gl.constexpr = gl.SliceLayout(1, _acc_layout(NW))
+            ro = gl.arange(0, R, layout=ol)
+            uo = j * (R // 2) + (ro // 16) * 8 + ro % 8
+            bias = gl.load(b_ptr + e.to(gl.int64) * (2 * I) + 2 * uo + (ro // 8) % 2, mask=uo < I, other=0.0)
+            h = acc + bias.to(gl.float32)[:, None]
+            # (R, T) = (R/16 tiles, 2 gate|linear, 8, T) -> (R/16, 8, T, 2): a unit's two rows in one lane
+            glu, lin = gl.split(gl.permute(gl.reshape(h, [R // 16, 2, 8, T]), [0, 2, 3, 1]))
+            out = _swiglu(gl.reshape(glu, [R // 2, T]), gl.reshape(lin, [R // 2, T]), limit, gl.bfloat16)
+            st: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (R // 16), R // 16], [NW, 1], [1, 0])
+            out = gl.convert_layout(gl.permute(out, [1, 0]), st)  # (T, R/2), units contiguous
+            ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
+            us = j * (R // 2) + gl.arange(0, R // 2, layout=gl.SliceLayout(0, st))
+            gl.store(act_ptr + ts.to(gl.int64)[:, None] * I + us[None, :], out.to(gl.bfloat16),
+                     mask=(ts < end)[:, None] & (us < I)[None, :])
+
+    @gluon.jit
+    def _mlp2_mma_kernel(
+        act_ptr,  # (M, I) bf16 sorted rows
+        order_ptr,  # (M,) int32
+        seg_ptr,  # (E,) int32
+        E,
+        w_ptr,  # (E, H, I/32, 4) int32 view of the packed blocks
+        s_ptr,  # (E, H, I/32) uint8
+        b_ptr,  # (E, H)
+        y_ptr,  # (M, H) out, original pair order
+        tune_m,
+        H: gl.constexpr, I: gl.constexpr, EP: gl.constexpr,
+        R: gl.constexpr,  # output features per program
+        T: gl.constexpr,
+    ):
+        NW: gl.constexpr = gl.num_warps()
+        xl: gl.constexpr = _acts_layout(T, NW)
+        j = gl.program_id(0)
+        e, start, end = _tile(seg_ptr, gl.program_id(1), E, EP, T)
+        if e < E:
+            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
+            hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
+            acc = _gemm_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, T, NW)
+            ho = j * R + gl.arange(0, R, layout=gl.SliceLayout(1, _acc_layout(NW)))
+            bias = gl.load(b_ptr + e.to(gl.int64) * H + ho, mask=ho < H, other=0.0)
+            y = acc + bias.to(gl.float32)[:, None]
+            st: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
+            y = gl.convert_layout(gl.permute(y, [1, 0]), st)  # (T, R), features contiguous
+            ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
+            tm = ts < end
+            pair = gl.load(order_ptr + ts, mask=tm, other=0).to(gl.int64)
+            hs_o = j * R + gl.arange(0, R, layout=gl.SliceLayout(0, st))
+            gl.store(y_ptr + pair[:, None] * H + hs_o[None, :], y.to(y_ptr.dtype.element_ty),
+                     mask=tm[:, None] & (hs_o < H)[None, :])
+
+    # (R, T, warps) candidates, autotuned per (shapes, E, M bucket) on the first call
+    _CONFIGS = [(128, 64, 4), (256, 64, 8), (128, 32, 4), (64, 64, 4), (128, 16, 4), (64, 16, 4), (256, 32, 8),
+                (64, 32, 4), (64, 8, 4), (128, 8, 4), (256, 16, 8)]
+
+    _TUNED: dict = {}
+
+    def _tuned(name: str):
+        if name not in _TUNED:
+            kernel = {"mlp1": _mlp1_swiglu_mma_kernel, "mlp2": _mlp2_mma_kernel}[name]
+            configs = [triton.Config({"R": r, "T": t}, num_warps=w, num_stages=1) for r, t, w in _CONFIGS]
+            _TUNED[name] = triton.autotune(configs, key=["H", "I", "E", "tune_m"], cache_results=True)(kernel)
+        return _TUNED[name]
+
+
+def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
+                 limit: float, k_route: int, *, config: dict | None = None) -> torch.Tensor:
+    """Both expert matmuls of the MoE for pairs sorted by expert: x (N, H) bf16, order (M,) int32 sorted row -> pair,
+    seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16, each pair's expert output with its bias
+    (`moe_triton`'s grouped-GEMM contract). config: {"R", "T", "num_warps"} instead of autotuning."""
+    N, H = x.shape
+    E, R1 = mlp1_blocks.shape[:2]
+    I = R1 // 2
+    M = order.numel()
+    act = torch.empty((M, I), dtype=torch.bfloat16, device=x.device)
+    y = torch.empty((M, H), dtype=torch.bfloat16, device=x.device)
+    EP = triton.next_power_of_2(E)
+    tune_m = max(64, triton.next_power_of_2(M))
+    n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
+    if config is None:
+        k1, k2, c1, c2 = _tuned("mlp1"), _tuned("mlp2"), {}, {}
+    else:
+        k1, k2 = _mlp1_swiglu_mma_kernel, _mlp2_mma_kernel
+        c1 = c2 = {"R": config["R"], "T": config["T"], "num_warps": config["num_warps"]}
+    k1[lambda m: (triton.cdiv(2 * I, m["R"]), n_tiles(m["T"]))](
+        x, order, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, I=I, K_ROUTE=k_route,
+        EP=EP, **c1)
+    k2[lambda m: (triton.cdiv(H, m["R"]), n_tiles(m["T"]))](
+        act, order, seg_end, E, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, tune_m, H=H, I=I, EP=EP, **c2)
+    return y
