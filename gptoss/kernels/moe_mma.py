@@ -1,27 +1,35 @@
 """The MoE grouped GEMM on the tensor cores with the FP4 decode in the MMA's own register layout (Gluon, mma.sync).
 
-`moe_triton`'s grouped GEMM leaves the FP4 decode to Triton: a float32 decode (~7 instructions a weight) whose
-result then moves through shared memory into the MMA's operand layout, and on Hopper it runs at ~200 TFLOP/s.
-Here the product is computed as W @ x^T (weight rows are the MMA's M, tokens its N) and each lane decodes exactly
-the weights its A fragment holds, from the bytes as the checkpoint stores them:
+`moe_triton`'s grouped GEMM leaves the FP4 decode to Triton (a float32 decode, or `tl.dot_scaled`), whose result
+moves through shared memory into the MMA's operand layout. Here the product is computed as W @ x^T (weight rows are
+the MMA's M, tokens its N) and each lane decodes exactly the weights its A fragment holds, from the bytes as the
+checkpoint stores them:
 
-  * Lane (g, t) of a warp loads one 32-bit word of each of its rows per 32-input block: bytes 4t .. 4t+3 of the
-    block (inputs 8t .. 8t+7) of rows g and g + 8 of each of its 16-row tiles. That is the A operand of a bf16 MMA
-    pair (k = 32) whose k-width is 8 (Gluon's DotOperandLayout(0, mma, k_width=8)).
-  * FP4 -> bf16 in 15 instructions for 8 weights (`_FP4_TO_BF16`): each code's sign, exponent and mantissa bits
+  * The input dimension is walked in steps of 4 blocks of 32 inputs. Lane (g, t) of a warp loads block 4q + t
+    of rows g and g + 8 of each of its 16-row tiles, 16 bytes each in one load; MMA pair p (k = 32) takes word p
+    of each lane's block (inputs 8p .. 8p+7 of it), which is the A operand of a bf16 MMA pair whose k-width is 8
+    (Gluon's DotOperandLayout(0, mma, k_width=8)), lane t holding 8 of the 32 inputs.
+  * FP4 -> bf16 in ~19 SASS instructions for 8 weights (`_FP4_TO_BF16`): each code's sign, exponent and mantissa bits
     are moved into a bf16 as sign | exponent field e | mantissa top bit m, which is the FP4 value times 2^-126
     (code 1 = 0.5 lands on the bf16 subnormal 2^-127); one bf16x2 multiply by 2^(s - 1) = 2^126 * 2^(s - 127)
-    applies the block scale too. Exact: every product is a bf16 value (scale bytes up to 128, see
-    `mma_gemm_serves`).
+    applies the block scale too. Exact: every product is a bf16 value (scale bytes up to MAX_SCALE_BYTE; `moe_triton`
+    checks each scale tensor once and keeps its own GEMM for any other).
   * The decode pairs bytes (0, 2) and (1, 3) of the word, so a lane's 8 inputs come out in the order
-    0, 4, 2, 6, 1, 5, 3, 7; the activations, loaded as 8 consecutive bf16 a lane, are permuted in registers to the
-    same order (a few byte permutes, shared by all of the warp's row tiles). The MMA sums over k in any order.
+    0, 4, 2, 6, 1, 5, 3, 7; the activations of the same 8 inputs, loaded as 8 consecutive bf16 a lane, are
+    permuted in registers to that order (a few byte permutes, shared by all of the warp's row tiles). The MMA sums
+    over k in any order.
   * Products and sums are fp32 in the tensor cores; the output is rounded as `moe_triton`'s GEMM rounds it.
 
 Grid, tiles and outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, each program one block
 of weight rows times one tile of an expert's sorted rows), so `moe_triton` calls these kernels in place of its own.
 mlp1's tiles take the gate rows 2u in their first 8 rows of each 16 and the linear rows 2u + 1 in the next 8, so a
 lane holds both halves of a SwiGLU unit.
+
+Measured on the H200 (scripts/moe_crossover.py, 20b shapes, a layer call): faster than the CUDA-core GEMV from 2
+tokens (71.4 vs 77.0 us) and than `moe_triton`'s GEMM up to 256 (243 vs 291 us at 64 tokens, 466 vs 536 at 256),
+slower above (1276 vs 1010 us at 1024), so `moe_triton` runs it for 2-256 tokens (batched decode, short prefills).
+At the larger sizes nothing is staged in shared memory: every warp reads the activations from L1 / L2 one MMA pair
+ahead, and what bounds it there has not been profiled.
 
 Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
 path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
@@ -36,13 +44,11 @@ import torch
 
 try:  # Gluon's API is experimental: any mismatch disables this path, never the package
     import triton
-    import triton.language as tl  # noqa: F401 - Triton's interpreter looks it up in a jit function's module
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import mma_v2
 
     from gptoss.kernels.moe_triton import _swiglu
-    from gptoss.kernels.rounding import round_to
 
     HAS_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -109,9 +115,9 @@ if HAS_GLUON:
 
     @gluon.constexpr_function
     def _words_layout(r, nw):
-        """(R, 4, 8) packed words of one 32-input block, each repeated 8 times (the 8 weights it decodes to): lane
-        (g, t) holds word t (inputs 8t .. 8t+7) of rows g and g + 8 of each 16-row tile of its warp (warp w has
-        tiles w, w + NW, ...), as the A fragments want them; the last dimension is a broadcast in registers."""
+        """(R, 4, 8) the packed words of one MMA pair, each repeated 8 times (the 8 weights it decodes to): lane
+        (g, t) holds its word of rows g and g + 8 of each 16-row tile of its warp (warp w has tiles w, w + NW, ...),
+        as the A fragments want them; the last dimension is a broadcast in registers."""
         reps = [[16 * nw << m, 0, 0] for m in range(_log2(r // (16 * nw)))]
         return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [0, 0, 4], [8, 0, 0]] + reps,
                                           lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
@@ -120,8 +126,9 @@ if HAS_GLUON:
 
     @gluon.constexpr_function
     def _acts_layout(t, nw):
-        """(T, 32) activations of one 32-input block: lane (g, t) holds inputs 8t .. 8t+7 (registers) of tokens
-        g, g + 8, ...; every warp holds the same (the B fragments of all its row tiles)."""
+        """(T, 32) activations of one MMA pair: lane (g, t) holds columns 8t .. 8t+7 (registers: the 8 inputs its
+        word decodes to) of tokens g, g + 8, ...; every warp holds the same (the B fragments of all its row
+        tiles)."""
         reps = [[8 << n, 0] for n in range(_log2(t // 8))]
         return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4]] + reps,
                                           lane_bases=[[0, 8], [0, 16], [1, 0], [2, 0], [4, 0]],
@@ -150,29 +157,26 @@ if HAS_GLUON:
         return a + b
 
     @gluon.jit
-    def _load_weights(w_ptrs, s_ptrs, g, G: gl.constexpr):
-        """Block g's packed words (R, 4) and scale bytes (R,); g past the last block reads the last (unused)."""
-        g = gl.minimum(g, G - 1)
-        return gl.load(w_ptrs + g * 4), gl.load(s_ptrs + g)
+    def _multiplier(s):
+        """Scale bytes -> the bf16 2^(s - 1) that turns decoded codes (FP4 value * 2^-126) into weights."""
+        return ((s.to(gl.int32) + 126) << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)
 
     @gluon.jit
-    def _load_acts(x_ptrs, g, G: gl.constexpr):
-        """Block g's activations (T, 32); g past the last block reads the last (unused)."""
-        return gl.load(x_ptrs + gl.minimum(g, G - 1) * 32)
-
-    @gluon.jit
-    def _mma_block(acc, wd, s, xv, NW: gl.constexpr):
-        """acc (R, T) += W_block (R, 32) @ x_block (T, 32)^T on the tensor cores (see the module docstring)."""
+    def _mma_pair(acc, wd, mult, xv, NW: gl.constexpr):
+        """acc (R, T) += W (R, 32) @ x (T, 32)^T for one MMA pair on the tensor cores (see the module docstring):
+        wd (R, 4) the packed word each lane t holds, mult (R, 4) its multiplier (`_multiplier`), xv (T, 32) the
+        activations of the same inputs (column 8t + j for input j of lane t's word)."""
         R: gl.constexpr = wd.shape[0]
         T: gl.constexpr = xv.shape[0]
         mma: gl.constexpr = _acc_layout(NW)
         wl: gl.constexpr = _words_layout(R, NW)
         a_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=mma, k_width=8)
         b_dot: gl.constexpr = gl.DotOperandLayout(operand_index=1, parent=mma, k_width=8)
-        mult = ((s.to(gl.int32) + 126) << 7).to(gl.int16).to(gl.bfloat16, bitcast=True)  # 2^(s - 1)
         shape: gl.constexpr = [R, 4, 8]
+        wd = gl.convert_layout(wd, gl.SliceLayout(2, wl), assert_trivial=True)
+        mult = gl.convert_layout(mult, gl.SliceLayout(2, wl), assert_trivial=True)
         wd8 = gl.broadcast(wd[:, :, None], gl.full(shape, 0, gl.int32, wl))[0]
-        mult8 = gl.broadcast(mult[:, None, None], gl.full(shape, 0, gl.bfloat16, wl))[0]
+        mult8 = gl.broadcast(mult[:, :, None], gl.full(shape, 0, gl.bfloat16, wl))[0]
         w = gl.inline_asm_elementwise(_FP4_TO_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [wd8, mult8],
                                       dtype=gl.bfloat16, is_pure=True, pack=8)
         # w[r, t, i] holds input 8t + pi(i), pi = (0, 4, 2, 6, 1, 5, 3, 7) (bit-reversed i): the MMA's k' = 8t + i
@@ -181,55 +185,80 @@ if HAS_GLUON:
         b = gl.reshape(gl.permute(gl.reshape(xv, [T, 4, 2, 2, 2]), [0, 1, 4, 3, 2]), [T, 32])
         return mma_v2(gl.convert_layout(a, a_dot), gl.convert_layout(gl.permute(b, [1, 0]), b_dot), acc)
 
+    @gluon.constexpr_function
+    def _step_layout(r, nw):
+        """(R, 4, 4) packed words of a 4-block step: lane (g, t) holds block t's 4 words (16 contiguous bytes,
+        registers) of rows g and g + 8 of each 16-row tile of its warp; word p is the A operand of MMA pair p."""
+        reps = [[16 * nw << m, 0, 0] for m in range(_log2(r // (16 * nw)))]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 0, 1], [0, 0, 2], [8, 0, 0]] + reps,
+                                          lane_bases=[[0, 1, 0], [0, 2, 0], [1, 0, 0], [2, 0, 0], [4, 0, 0]],
+                                          warp_bases=[[16 << w, 0, 0] for w in range(_log2(nw))], block_bases=[],
+                                          shape=[r, 4, 4])
+
+    @gluon.jit
+    def _split4(v):
+        """v (..., 4) with the last dimension in registers -> its 4 slices in order."""
+        even, odd = gl.split(gl.reshape(v, v.shape[:-1] + [2, 2]))  # index 2a + b: even holds b = 0 (0, 2)
+        v0, v2 = gl.split(even)
+        v1, v3 = gl.split(odd)
+        return v0, v1, v2, v3
+
+    @gluon.jit
+    def _load_step(w_ptrs, s_ptrs, t4, q, G: gl.constexpr):
+        """Step q's packed words (R, 4 t, 4 p) (block 4q + t, word p) and multipliers (R, 4 t); blocks past the
+        last read the last one with multiplier 0."""
+        blk = 4 * q + t4  # (1, 4)
+        wd = gl.load(w_ptrs + gl.minimum(blk, G - 1)[:, :, None] * 4)
+        mult = gl.where(blk < G, _multiplier(gl.load(s_ptrs + gl.minimum(blk, G - 1))), 0.0)
+        return wd, mult.to(gl.bfloat16)
+
     @gluon.jit
     def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr):
         """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,)
         int64 of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a
         (., KDIM) bf16 matrix. Every row index must be valid (callers point unused rows at a real one and drop
-        their results): the loop has no masks. wrow in `_row_layout`, xrow in SliceLayout(1, `_acts_layout`)."""
+        their results): the loop has no masks. wrow in `_row_layout`, xrow in SliceLayout(1, `_acts_layout`).
+
+        Steps of 4 blocks (128 inputs) in which lane t owns block 4q + t of each of its rows: its 16 bytes come in
+        one 16-byte load, and MMA pair p takes word p of each lane's block, with the activations of inputs
+        32t + 8p + j of the step for lane t (column 8t + j as `_mma_pair` takes them). Blocks past the last
+        (G not a multiple of 4) read the last one's bytes and activations with multiplier 0. The next step's
+        weights and the next pair's activations are loaded before the current MMAs."""
         R: gl.constexpr = wrow.shape[0]
-        wl: gl.constexpr = gl.SliceLayout(2, _words_layout(R, NW))
+        sl: gl.constexpr = _step_layout(R, NW)
+        wl: gl.constexpr = gl.SliceLayout(2, sl)
         xl: gl.constexpr = _acts_layout(T, NW)
         G: gl.constexpr = KDIM // 32
-        kw = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))
+        t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))[None, :]
+        pw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))
+        wr = gl.convert_layout(wrow, gl.SliceLayout(1, wl))
+        w_ptrs = w_ptr + wr[:, None, None] * (KDIM // 8) + pw[None, None, :]
+        s_ptrs = s_ptr + wr[:, None] * G
         kx = gl.arange(0, 32, layout=gl.SliceLayout(0, xl))
-        w_ptrs = w_ptr + wrow[:, None] * (KDIM // 8) + kw[None, :]
-        s_ptrs = s_ptr + wrow * G
-        x_ptrs = x_ptr + xrow[:, None] * KDIM + kx[None, :]
+        x_ptrs = x_ptr + xrow[:, None] * KDIM + (kx % 8)[None, :]
+        tx = (kx // 8)[None, :]  # the lane's block within the step
         acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
-        # The weights come from HBM: their loads run 4 blocks ahead (four register sets, rotated by unrolling the
-        # loop by 4). The activations, which the programs of a token tile share through L2, run one block ahead
-        # (two sets, ping-pong). No register copies.
-        w0, s0 = _load_weights(w_ptrs, s_ptrs, 0, G)
-        w1, s1 = _load_weights(w_ptrs, s_ptrs, 1, G)
-        w2, s2 = _load_weights(w_ptrs, s_ptrs, 2, G)
-        w3, s3 = _load_weights(w_ptrs, s_ptrs, 3, G)
-        xa = _load_acts(x_ptrs, 0, G)
-        for q in range(G // 4):  # blocks 4q .. 4q+3
-            g = 4 * q
-            xb = _load_acts(x_ptrs, g + 1, G)
-            acc = _mma_block(acc, w0, s0, xa, NW)
-            w0, s0 = _load_weights(w_ptrs, s_ptrs, g + 4, G)
-            xa = _load_acts(x_ptrs, g + 2, G)
-            acc = _mma_block(acc, w1, s1, xb, NW)
-            w1, s1 = _load_weights(w_ptrs, s_ptrs, g + 5, G)
-            xb = _load_acts(x_ptrs, g + 3, G)
-            acc = _mma_block(acc, w2, s2, xa, NW)
-            w2, s2 = _load_weights(w_ptrs, s_ptrs, g + 6, G)
-            xa = _load_acts(x_ptrs, g + 4, G)
-            acc = _mma_block(acc, w3, s3, xb, NW)
-            w3, s3 = _load_weights(w_ptrs, s_ptrs, g + 7, G)
-        # the last G % 4 blocks: in w0.., with xa holding the first one's activations
-        base: gl.constexpr = G // 4 * 4
-        if G % 4 >= 1:
-            xb = _load_acts(x_ptrs, base + 1, G)
-            acc = _mma_block(acc, w0, s0, xa, NW)
-            if G % 4 >= 2:
-                xa = _load_acts(x_ptrs, base + 2, G)
-                acc = _mma_block(acc, w1, s1, xb, NW)
-                if G % 4 >= 3:
-                    acc = _mma_block(acc, w2, s2, xa, NW)
+        wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
+        x0 = _load_pair(x_ptrs, tx, 0, 0, G)
+        for q in range((G + 3) // 4):
+            wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
+            w0, w1, w2, w3 = _split4(wd)
+            x1 = _load_pair(x_ptrs, tx, q, 1, G)
+            acc = _mma_pair(acc, w0, mult, x0, NW)
+            x2 = _load_pair(x_ptrs, tx, q, 2, G)
+            acc = _mma_pair(acc, w1, mult, x1, NW)
+            x3 = _load_pair(x_ptrs, tx, q, 3, G)
+            acc = _mma_pair(acc, w2, mult, x2, NW)
+            x0 = _load_pair(x_ptrs, tx, q + 1, 0, G)
+            acc = _mma_pair(acc, w3, mult, x3, NW)
+            wd, mult = wd_n, mult_n
         return acc
+
+    @gluon.jit
+    def _load_pair(x_ptrs, tx, q, p, G: gl.constexpr):
+        """Activations (T, 32) of MMA pair p of step q: column 8t + j is input 32 (4q + t) + 8p + j (blocks past
+        the last read the last one)."""
+        return gl.load(x_ptrs + gl.minimum(4 * q + tx, G - 1) * 32 + 8 * p)
 
     @gluon.constexpr_function
     def _row_layout(r, nw):

@@ -19,7 +19,7 @@ weighted sum is float32, rounded once, then the residual is added. Weights are r
 words) and decoded in registers from their bits (no lookup table); products and sums are fp32.
 
 Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.moe_mma` (Gluon), which serves
-2-128 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
+2-256 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
   * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
     model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
@@ -74,12 +74,12 @@ except Exception:  # pragma: no cover - exercised only where triton is missing o
 SWIGLU_ALPHA = 1.702
 # Which kernels path "auto" runs for N tokens, from scripts/moe_crossover.py (H200, 20b shapes, graphed, us a layer
 # call; GEMV / this module's GEMM / the tensor-core GEMM of gptoss.kernels.moe_mma):
-#   N=1 37.9 / 78.9 / 60.8, N=2 76.7 / 102.5 / 73.7, N=8 229.6 / 235.6 / 175.2, N=64 - / 289.7 / 257.9,
-#   N=128 - / 390.5 / 357.6, N=256 - / 458.3 / 518.8, N=1024 - / 979.9 / 1148.6.
+#   N=1 36.9 / 79.4 / 59.4, N=2 77.0 / 102.9 / 71.4, N=8 237.1 / 190.7 / 155.4, N=64 - / 291.0 / 243.0,
+#   N=256 - / 536.0 / 466.3, N=512 - / 651.7 / 726.2, N=1024 - / 1010.1 / 1276.2.
 # So: the GEMV at one token; the tensor-core GEMM from MMA_MIN_TOKENS to MMA_MAX_TOKENS where it serves (bf16
 # activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above.
 MMA_MIN_TOKENS = 2
-MMA_MAX_TOKENS = 128
+MMA_MAX_TOKENS = 256
 # The GEMV against this module's GEMM (H100, with the GEMM's dot_scaled tiles): 185 vs 186 us at 6 tokens, 238 vs
 # 243 at 8, 350 vs 307 at 12.
 DECODE_MAX_TOKENS = 8
