@@ -76,32 +76,34 @@ if HAS_GLUON:
     # 2^(s - 1) (both halves of $12; $13 .. $15 repeat it)
     # -> 4 bf16x2 registers: $0 = low nibbles of bytes 0 and 2, $1 = low nibbles of bytes 1 and 3, $2 / $3 the
     # high nibbles likewise. Each nibble's 3 magnitude bits go to bf16 bits 6..8 (16 bits apart for the pair: one
-    # shift serves both halves), its sign bit to bit 15.
+    # shift serves both halves), its sign bit to bit 15. The multiply is an fma with -0 added (z): the same product
+    # for every input, and it builds for sm_80, where mul.bf16x2 does not exist (ptxas makes it HMUL2 on sm_90).
     _FP4_TO_BF16 = gl.constexpr("""{
-    .reg .b32 m, s;
+    .reg .b32 m, s, z;
+    mov.b32 z, 0x80008000;
     shl.b32 m, $4, 6;
     and.b32 m, m, 0x01C001C0;
     shl.b32 s, $4, 12;
     and.b32 s, s, 0x80008000;
     or.b32 m, m, s;
-    mul.rn.bf16x2 $0, m, $12;
+    fma.rn.bf16x2 $0, m, $12, z;
     shr.b32 m, $4, 2;
     and.b32 m, m, 0x01C001C0;
     shl.b32 s, $4, 4;
     and.b32 s, s, 0x80008000;
     or.b32 m, m, s;
-    mul.rn.bf16x2 $1, m, $12;
+    fma.rn.bf16x2 $1, m, $12, z;
     shl.b32 m, $4, 2;
     and.b32 m, m, 0x01C001C0;
     shl.b32 s, $4, 8;
     and.b32 s, s, 0x80008000;
     or.b32 m, m, s;
-    mul.rn.bf16x2 $2, m, $12;
+    fma.rn.bf16x2 $2, m, $12, z;
     shr.b32 m, $4, 6;
     and.b32 m, m, 0x01C001C0;
     and.b32 s, $4, 0x80008000;
     or.b32 m, m, s;
-    mul.rn.bf16x2 $3, m, $12;
+    fma.rn.bf16x2 $3, m, $12, z;
     }""")
 
     @gluon.constexpr_function
