@@ -1,12 +1,14 @@
 """Loading released checkpoints (either layout) tensor by tensor onto the target device.
 
 Peak host memory is about one tensor: each tensor is read from its safetensors file straight onto the device
-and copied into its place in a model that was built on the meta device.
+and copied into its place in a model that was built on the meta device. A tensor/expert-parallel rank (a `Shard`)
+reads only the slices of each tensor that it holds (see gptoss.parallel).
 """
 
 import dataclasses
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
@@ -19,6 +21,7 @@ from gptoss.config import ModelConfig, read_config_json
 from gptoss.errors import CheckpointError
 from gptoss.layouts import DENSE, HF, MXFP4, ORIGINAL, Target, tensor_names
 from gptoss.model import Transformer
+from gptoss.parallel import SINGLE, Shard, held_ranges
 
 log = logging.getLogger(__name__)
 
@@ -30,6 +33,10 @@ class TensorInfo:
     file: Path
     shape: tuple[int, ...]
     dtype: str  # safetensors' dtype name, e.g. "BF16", "U8"
+
+    @property
+    def num_bytes(self) -> int:
+        return math.prod(self.shape) * _SAFETENSORS_DTYPES[self.dtype].itemsize
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,11 +149,13 @@ def load_model(
     dtype: torch.dtype = torch.bfloat16,
     dequantize: bool = False,
     progress: bool | None = None,
+    shard: Shard = SINGLE,
 ) -> Transformer:
     """Builds a Transformer from a checkpoint folder of either layout.
 
     dtype: parameters' dtype (norm gains stay float32). dequantize: store MXFP4 experts as dense `dtype` weights.
-    progress: show a progress bar (default: when stderr is a terminal).
+    progress: show a progress bar (default: when stderr is a terminal). shard: this rank's part of a
+    tensor/expert-parallel model, of which only the slices it holds are read.
     """
     started = time.perf_counter()
     info = inspect_checkpoint(path)
@@ -154,14 +163,17 @@ def load_model(
     dequantize = dequantize and info.experts == MXFP4
     expert_format = DENSE if dequantize or info.experts == DENSE else MXFP4
     with torch.device("meta"):
-        model = Transformer(info.config, dtype=dtype, expert_format=expert_format)
-    state = model.state_dict()
-    plan = _plan(info, state, dequantize)
+        full = Transformer(info.config, dtype=dtype, expert_format=expert_format)
+        model = Transformer(info.config, dtype=dtype, expert_format=expert_format, shard=shard)
+    full_state = full.state_dict()
+    plan = _plan(info, full_state, dequantize)
+    reads = {name: _pieces(plan[name], full_state, info, shard, dequantize) for name in info.tensors}
     model.to_empty(device=device)
     state = model.state_dict()
     packed_pairs = mxfp4.PairCollector()  # dequantize=True: blocks wait here for their scales
     files = sorted({t.file for t in info.tensors.values()})
-    bar = tqdm(total=info.num_bytes, unit="B", unit_scale=True, desc="loading", disable=_quiet(progress))
+    total = sum(_bytes_read(info.tensors[name], pieces) for name, pieces in reads.items())
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="loading", disable=_quiet(progress))
     with torch.no_grad():
         for file in files:
             try:
@@ -171,21 +183,64 @@ def load_model(
             with handle:
                 for name in handle.keys():
                     target = plan[name]
-                    tensor = handle.get_tensor(name)
-                    if dequantize and target.key.endswith((".blocks", ".scales")):
-                        pair = packed_pairs.add(target.key, tensor)
-                        if pair is not None:
-                            weight, blocks, scales = pair
-                            mxfp4.dequantize_into(state[weight + ".weight"], blocks, scales)
+                    pieces = reads[name]
+                    if pieces is None:
+                        pieces = [((), ())]
+                        source = handle.get_tensor(name)
                     else:
-                        _put(state[target.key], target, tensor)
-                    bar.update(tensor.numel() * tensor.element_size())
+                        source = handle.get_slice(name)
+                    for src, dst in pieces:
+                        tensor = source[src]
+                        if dequantize and target.key.endswith((".blocks", ".scales")):
+                            pair = packed_pairs.add(target.key, tensor)  # one piece: this rank's experts
+                            if pair is not None:
+                                weight, blocks, scales = pair
+                                mxfp4.dequantize_into(state[weight + ".weight"], blocks, scales)
+                        elif reads[name] is None:
+                            _put(state[target.key], target, tensor)
+                        else:
+                            _copy(state[target.key][dst], target, tensor)
+                        bar.update(tensor.numel() * tensor.element_size())
     bar.close()
     model.rope.reset_buffers()
     model.eval()
     log.info("loaded %s (%s layout, %s experts) in %.1f s", info.folder, info.layout, info.experts,
              time.perf_counter() - started)
     return model
+
+
+Index = tuple[slice, ...]
+
+
+def _pieces(target: Target, full_state: dict[str, torch.Tensor], info: CheckpointInfo, shard: Shard,
+            dequantize: bool) -> list[tuple[Index, Index]] | None:
+    """What a rank reads of one checkpoint tensor: None for all of it, else (source index, index into the rank's
+    parameter) pairs, one per contiguous run of the rows or columns it holds."""
+    key = _dequantized_key(target.key) if dequantize else target.key
+    held = held_ranges(key, info.config, shard)
+    if held is None:
+        return None
+    dim, ranges = held
+    # the source covers indices [first, last) of the full parameter along dim: a row block for HF's q/k/v
+    first, last = target.rows if target.rows is not None and dim == 0 else (0, full_state[key].shape[dim])
+    pieces, offset = [], 0
+    for start, stop in ranges:
+        low, high = max(start, first), min(stop, last)
+        if low < high:
+            lead = (slice(None),) * dim
+            dst_start = offset + low - start
+            pieces.append((lead + (slice(low - first, high - first),),
+                           lead + (slice(dst_start, dst_start + high - low),)))
+        offset += stop - start
+    return pieces
+
+
+def _bytes_read(tensor: TensorInfo, pieces: list[tuple[Index, Index]] | None) -> int:
+    """Bytes a rank reads of `tensor` (all of it, or the pieces `_pieces` chose)."""
+    size = tensor.num_bytes
+    if pieces is None:
+        return size
+    return sum(size * (index[-1].stop - index[-1].start) // tensor.shape[len(index) - 1] for index, _ in pieces)
 
 
 def _quiet(progress: bool | None) -> bool:
@@ -197,7 +252,8 @@ def _quiet(progress: bool | None) -> bool:
 
 
 def _put(param: torch.Tensor, target: Target, tensor: torch.Tensor) -> None:
-    dest = param if target.rows is None else param[target.rows[0] : target.rows[1]]
-    if target.transpose:
-        tensor = tensor.transpose(-1, -2)
-    dest.copy_(tensor)
+    _copy(param if target.rows is None else param[target.rows[0] : target.rows[1]], target, tensor)
+
+
+def _copy(dest: torch.Tensor, target: Target, tensor: torch.Tensor) -> None:
+    dest.copy_(tensor.transpose(-1, -2) if target.transpose else tensor)

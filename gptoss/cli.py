@@ -2,6 +2,7 @@
 
 import argparse
 import codecs
+import io
 import logging
 import sys
 import time
@@ -15,30 +16,32 @@ def _default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _checkpoint_or_demo(checkpoint: str | None) -> str:
+def _checkpoint_or_demo(checkpoint: str | None, announce: bool = True) -> str:
     if checkpoint:
         return checkpoint
     from gptoss.demo import ensure_demo_checkpoint
 
     folder = ensure_demo_checkpoint()
-    print(
-        f"gptoss: no checkpoint given, using the built-in demo checkpoint ({folder}): a tiny model with random "
-        "weights, so its output is noise. Pass a gpt-oss folder for real text.",
-        file=sys.stderr,
-    )
+    if announce:
+        print(f"gptoss: no checkpoint given, using the built-in demo checkpoint ({folder}): a tiny model with "
+              "random weights, so its output is noise. Pass a gpt-oss folder for real text.", file=sys.stderr)
     return str(folder)
 
 
-def load_model_from_args(args, folder: str | None = None):
-    """Loads args.checkpoint (or `folder`, or the demo) as the model commands' shared options say.
-    Returns (model, device); prints the load time on stderr."""
+def load_model_from_args(args, folder: str | None = None, shard=None):
+    """Loads args.checkpoint (or `folder`, or the demo) as the model commands' shared options say, whole or as
+    `shard` (a gptoss.parallel.Shard) says. Returns (model, device); prints the load time on stderr."""
     from gptoss.checkpoint import load_model
+    from gptoss.parallel import SINGLE, local_device
 
-    device = args.device or _default_device()
+    shard = shard or SINGLE
+    device = str(local_device(args.device or _default_device()))
     started = time.perf_counter()
-    model = load_model(folder or _checkpoint_or_demo(args.checkpoint), device=device, dequantize=args.dequantize,
-                       progress=None)
-    print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}", file=sys.stderr)
+    model = load_model(folder or _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0), device=device,
+                       dequantize=args.dequantize, progress=None if shard.rank == 0 else False, shard=shard)
+    if shard.rank == 0:
+        parts = f" (rank 0 of {shard.world_size})" if shard.parallel else ""
+        print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}{parts}", file=sys.stderr)
     return model, device
 
 
@@ -51,19 +54,30 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
+    from gptoss.parallel import leave, local_device, shard_from_env
+
+    shard = shard_from_env(local_device(args.device or _default_device()))  # under torchrun: this rank's part
+    try:
+        return _generate(args, shard)
+    finally:
+        leave(shard)
+
+
+def _generate(args, shard) -> int:
     import torch
 
     from gptoss.generate import TokenGenerator
     from gptoss.tokenizer import ENDOFTEXT, STOP_TOKENS, get_tokenizer
 
-    model, device = load_model_from_args(args)
+    model, device = load_model_from_args(args, shard=shard)
     generator = TokenGenerator(None, device, context_length=args.context, model=model)
     tokenizer = get_tokenizer()
     prompt = tokenizer.encode(args.prompt, allowed_special="all")
     generator.check_request(prompt, args.max_tokens)
     decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-    sys.stdout.write(args.prompt)
-    sys.stdout.flush()
+    out = sys.stdout if shard.rank == 0 else io.StringIO()  # every rank computes; rank 0 speaks
+    out.write(args.prompt)
+    out.flush()
     started = time.perf_counter()
     first_token_at = None
     generated = 0
@@ -74,15 +88,16 @@ def cmd_generate(args) -> int:
                 torch.cuda.synchronize()
             first_token_at = time.perf_counter()
         generated += 1
-        sys.stdout.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
-        sys.stdout.flush()
+        out.write(decoder.decode(tokenizer.decode_single_token_bytes(token)))
+        out.flush()
     finished = time.perf_counter()
-    sys.stdout.write(decoder.decode(b"", final=True) + "\n")
+    out.write(decoder.decode(b"", final=True) + "\n")
     prefill_s = first_token_at - started
     decode_s = finished - first_token_at
     decode_rate = f"{(generated - 1) / decode_s:.1f} tokens/s" if generated > 1 and decode_s > 0 else "n/a"
-    print(f"gptoss: prompt {len(prompt)} tokens at {len(prompt) / prefill_s:.1f} tokens/s; "
-          f"decode {generated} tokens at {decode_rate}", file=sys.stderr)
+    if shard.rank == 0:
+        print(f"gptoss: prompt {len(prompt)} tokens at {len(prompt) / prefill_s:.1f} tokens/s; "
+              f"decode {generated} tokens at {decode_rate}", file=sys.stderr)
     return 0
 
 

@@ -18,5 +18,9 @@ def ensure_demo_checkpoint() -> Path:
     """Returns the demo checkpoint folder, writing it first if needed (atomically: never half-written)."""
     folder = demo_checkpoint_dir()
     if not (folder / "config.json").exists():
-        write_checkpoint(folder, preset("tiny"), seed=0)
+        try:
+            write_checkpoint(folder, preset("tiny"), seed=0)
+        except OSError:  # another process (a torchrun rank, say) wrote it first
+            if not (folder / "config.json").exists():
+                raise
     return folder

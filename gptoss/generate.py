@@ -39,14 +39,16 @@ class TokenGenerator:
         config = model.config
         self.context_length = context_length or min(DEFAULT_CONTEXT_LENGTH, config.max_context_length)
         self.graphed_decode = None
-        if use_triton(model.embedding.weight):  # GPU: Triton attention over the cache, decode in a CUDA graph
+        # GPU: Triton attention over the cache, decode in a CUDA graph. A tensor/expert-parallel shard steps
+        # eagerly over the reference cache: its collectives are not captured in graphs.
+        if use_triton(model.embedding.weight) and not model.shard.parallel:
             from gptoss.cuda_cache import TritonKVCache
             from gptoss.cuda_graph import GraphedDecodeStep
 
             self.cache = TritonKVCache(config, self.context_length, device=self.device, dtype=model.dtype)
             self.graphed_decode = GraphedDecodeStep(model, self.cache)
         else:
-            self.cache = KVCache(config, self.context_length, device=self.device, dtype=model.dtype)
+            self.cache = KVCache(model.local_config, self.context_length, device=self.device, dtype=model.dtype)
 
     def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
         """Raises GptOssError for an empty or out-of-vocabulary prompt, ContextLengthError if it cannot fit."""
@@ -82,7 +84,7 @@ class TokenGenerator:
         prompt = [int(t) for t in prompt_tokens]
         self.check_request(prompt, max_tokens)
         stop = set(int(t) for t in stop_tokens)
-        seed = request_seed(seed)
+        seed = self.model.shard.from_first(request_seed(seed), self.device)  # ranks must draw alike
         self.cache.reset()
         tokens = torch.tensor(prompt, device=self.device)
         last = torch.tensor([len(prompt) - 1], device=self.device)

@@ -10,6 +10,8 @@ What is special about gpt-oss, against a plain GQA transformer:
 
 Module and parameter names equal the released `original/` checkpoint keys, so loading is a loop.
 Tokens are a flat (N,) tensor with per-token positions: one sequence, or several packed by a batched engine.
+Given a `Shard` (gptoss.parallel), each layer holds only its rank's heads, experts and vocabulary rows and sums or
+gathers the ranks' partial results; the default is the whole model in one process.
 A KV cache, when given, owns the attention over cached keys (`cache.attend`), so the same model runs with the
 reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache. A GPU cache may
 also offer `decode_write_target`, through which the RoPE kernel stores a decode step's k and v itself.
@@ -17,16 +19,19 @@ On the GPU, small ops are fused where a decode step gains (see gptoss.kernels): 
 in the MLP's norm, the MLP's in the MoE's last kernel, and the norms before qkv and the unembedding in their GEMVs.
 """
 
+import dataclasses
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from gptoss.config import RMS_NORM_EPS, ModelConfig
 from gptoss.experts import DenseExperts, MXFP4Experts
 from gptoss.kernels import use_triton
 from gptoss.kernels.attention import attention_mask, sink_attention
-from gptoss.kernels.moe import moe, route
+from gptoss.kernels.moe import moe, moe_partial, route
+from gptoss.parallel import SINGLE, Shard
 
 
 class RMSNorm(nn.Module):
@@ -103,18 +108,24 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 class AttentionBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16):
+    """Sink attention over this shard's heads: all of them in one process, else its share of the KV heads with
+    the query heads that read them."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16, shard: Shard = SINGLE):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_heads = config.num_attention_heads
-        self.n_kv_heads = config.num_key_value_heads
+        self.shard = shard
+        kv_start, kv_stop = shard.part(config.num_key_value_heads, "num_key_value_heads")
+        self.n_kv_heads = kv_stop - kv_start
+        self.n_heads = self.n_kv_heads * (config.num_attention_heads // config.num_key_value_heads)
         self.head_dim = config.head_dim
         self.window = config.layer_window(layer_idx)
         self.sm_scale = 1.0 / math.sqrt(config.head_dim)
+        q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         self.norm = RMSNorm(config.hidden_size, device=device)
-        self.qkv = nn.Linear(config.hidden_size, config.q_dim + 2 * config.kv_dim, device=device, dtype=dtype)
-        self.sinks = nn.Parameter(torch.zeros(config.num_attention_heads, device=device, dtype=dtype))
-        self.out = nn.Linear(config.q_dim, config.hidden_size, device=device, dtype=dtype)
+        self.qkv = nn.Linear(config.hidden_size, q_dim + 2 * kv_dim, device=device, dtype=dtype)
+        self.sinks = nn.Parameter(torch.zeros(self.n_heads, device=device, dtype=dtype))
+        self.out = nn.Linear(q_dim, config.hidden_size, device=device, dtype=dtype)
 
     def forward(self, x, positions, cos, sin, cache=None):
         """x (N, H) -> the attention's update (N, H); the residual add is the MLP block's (see MLPBlock)."""
@@ -137,17 +148,24 @@ class AttentionBlock(nn.Module):
             o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
         else:  # the cache stores k/v and runs attention over everything the queries may see
             o = cache.attend(self.layer_idx, q, k, v, positions, self.window, self.sinks, self.sm_scale)  # (N, Hq, D)
+        if self.shard.parallel:  # each rank's heads give a partial product; the bias is added once, after the sum
+            return self.shard.sum(F.linear(o.reshape(n, q_dim), self.out.weight)) + self.out.bias
         return linear(self.out, o.reshape(n, q_dim))
 
 
 class MLPBlock(nn.Module):
-    def __init__(self, config: ModelConfig, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4"):
+    """The MoE over this shard's experts (all of them in one process); the router always sees every expert."""
+
+    def __init__(self, config: ModelConfig, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4",
+                 shard: Shard = SINGLE):
         super().__init__()
         self.experts_per_token = config.experts_per_token
         self.swiglu_limit = config.swiglu_limit
-        e, h, i = config.num_experts, config.hidden_size, config.intermediate_size
+        self.shard = shard
+        self.first_expert, last = shard.part(config.num_experts, "num_experts")
+        e, h, i = last - self.first_expert, config.hidden_size, config.intermediate_size
         self.norm = RMSNorm(h, device=device)
-        self.gate = nn.Linear(h, e, device=device, dtype=dtype)
+        self.gate = nn.Linear(h, config.num_experts, device=device, dtype=dtype)
         if expert_format == "mxfp4":
             self.mlp1_weight = MXFP4Experts(e, 2 * i, h, device=device)
             self.mlp2_weight = MXFP4Experts(e, h, i, device=device)
@@ -162,13 +180,16 @@ class MLPBlock(nn.Module):
     def forward(self, x, update):
         """x: the block's input; update: the attention's output. Returns h + MoE(norm(h)) with h = x + update:
         taking the attention's residual add here lets the GPU path fuse it into the norm."""
-        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(x):
+        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(x) and not self.shard.parallel:
             return self._forward_gpu(x, update)
         h = x + update
         t = self.norm(h)
         weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
-        return h + moe(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias,
-                       self.swiglu_limit)
+        experts = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
+        if self.shard.parallel:  # this rank's experts' share, summed over the ranks in float32 as moe() sums
+            partial = moe_partial(t, weights, expert_ids, *experts, first_expert=self.first_expert)
+            return h + self.shard.sum(partial).to(t.dtype)
+        return h + moe(t, weights, expert_ids, *experts)
 
     def _forward_gpu(self, x, update):
         """The same with packed experts on the GPU in a few launches: residual add + norm, the gate GEMV, top-K +
@@ -185,28 +206,40 @@ class MLPBlock(nn.Module):
 
 
 class TransformerBlock(nn.Module):
-    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16, expert_format="mxfp4"):
+    def __init__(self, config: ModelConfig, layer_idx: int, device=None, dtype=torch.bfloat16, expert_format="mxfp4",
+                 shard: Shard = SINGLE):
         super().__init__()
-        self.attn = AttentionBlock(config, layer_idx, device=device, dtype=dtype)
-        self.mlp = MLPBlock(config, device=device, dtype=dtype, expert_format=expert_format)
+        self.attn = AttentionBlock(config, layer_idx, device=device, dtype=dtype, shard=shard)
+        self.mlp = MLPBlock(config, device=device, dtype=dtype, expert_format=expert_format, shard=shard)
 
     def forward(self, x, positions, cos, sin, cache=None):
         return self.mlp(x, self.attn(x, positions, cos, sin, cache))
 
 
 class Transformer(nn.Module):
-    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4"):
+    def __init__(self, config: ModelConfig, *, device=None, dtype=torch.bfloat16, expert_format: str = "mxfp4",
+                 shard: Shard = SINGLE):
         super().__init__()
+        shard.check(config)
         self.config = config
         self.expert_format = expert_format
-        self.embedding = nn.Embedding(config.vocab_size, config.hidden_size, device=device, dtype=dtype)
+        self.shard = shard
+        self.vocab_start, vocab_stop = shard.part(config.vocab_size, "vocab_size")
+        vocab = vocab_stop - self.vocab_start
+        self.embedding = nn.Embedding(vocab, config.hidden_size, device=device, dtype=dtype)
         self.block = nn.ModuleList(
-            TransformerBlock(config, i, device=device, dtype=dtype, expert_format=expert_format)
+            TransformerBlock(config, i, device=device, dtype=dtype, expert_format=expert_format, shard=shard)
             for i in range(config.num_hidden_layers)
         )
         self.norm = RMSNorm(config.hidden_size, device=device)
-        self.unembedding = nn.Linear(config.hidden_size, config.vocab_size, bias=False, device=device, dtype=dtype)
+        self.unembedding = nn.Linear(config.hidden_size, vocab, bias=False, device=device, dtype=dtype)
         self.rope = RotaryEmbedding(config, device=device)
+
+    @property
+    def local_config(self) -> ModelConfig:
+        """The config as this shard's attention sees it (its share of the heads): what its KV caches hold."""
+        attn = self.block[0].attn
+        return dataclasses.replace(self.config, num_attention_heads=attn.n_heads, num_key_value_heads=attn.n_kv_heads)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -231,12 +264,19 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(tokens.shape[0], device=tokens.device)
         cos, sin = self.rope(positions)
-        x = self.embedding(tokens)
+        x = self._embed(tokens)
         for block in self.block:
             x = block(x, positions, cos, sin, cache)
         if logits_rows is not None:
             x = x[logits_rows]
-        return linear(self.unembedding, x, self.norm)
+        return self.shard.cat_last(linear(self.unembedding, x, self.norm))
+
+    def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        if not self.shard.parallel:
+            return self.embedding(tokens)
+        local = tokens - self.vocab_start  # rows this rank holds; the others contribute zeros to the sum
+        held = (local >= 0) & (local < self.embedding.num_embeddings)
+        return self.shard.sum(torch.where(held[:, None], self.embedding(torch.where(held, local, 0)), 0))
 
     @classmethod
     def from_checkpoint(cls, path, device="cpu", **kwargs) -> "Transformer":

@@ -39,10 +39,21 @@ def moe(
     mlp1_weight / mlp2_weight are expert weight stores (see gptoss.experts) whose `expert(e, dtype)` gives one
     expert's dense matrix, (2I, H) and (H, I): each used expert is materialized once, never the whole set.
     """
+    return moe_partial(x, weights, expert_ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_limit).to(x.dtype)
+
+
+def moe_partial(x, weights, expert_ids, mlp1_weight, mlp1_bias, mlp2_weight, mlp2_bias, swiglu_limit: float,
+                first_expert: int = 0) -> torch.Tensor:
+    """moe()'s sum in float32 over the pairs routed to the experts the stores hold: global ids first_expert ..
+    first_expert + len(mlp1_bias) - 1 (an expert-parallel shard; all of them by default)."""
     out = torch.zeros(x.shape, dtype=torch.float32, device=x.device)
+    held = range(first_expert, first_expert + mlp1_bias.shape[0])
     for e in torch.unique(expert_ids).tolist():
+        if e not in held:
+            continue
         token_idx, slot = torch.nonzero(expert_ids == e, as_tuple=True)
-        h = F.linear(x[token_idx], mlp1_weight.expert(e, x.dtype), mlp1_bias[e])  # (n_e, 2I)
-        y = F.linear(swiglu(h, swiglu_limit), mlp2_weight.expert(e, x.dtype), mlp2_bias[e])  # (n_e, H)
+        local = e - first_expert
+        h = F.linear(x[token_idx], mlp1_weight.expert(local, x.dtype), mlp1_bias[local])  # (n_e, 2I)
+        y = F.linear(swiglu(h, swiglu_limit), mlp2_weight.expert(local, x.dtype), mlp2_bias[local])  # (n_e, H)
         out.index_add_(0, token_idx, y.float() * weights[token_idx, slot, None].float())
-    return out.to(x.dtype)
+    return out

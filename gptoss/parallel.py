@@ -1,0 +1,150 @@
+"""Tensor and expert parallelism over torch.distributed: which slice of each weight a rank holds, and the
+collectives that put the ranks' partial results together.
+
+The split, for W ranks (gpt-oss: W in 1, 2, 4, 8):
+- attention (tensor parallel): rank r holds query heads [r Hq/W, (r+1) Hq/W) and the KV heads they read (GQA
+  groups stay whole, so Hkv must divide by W): its rows of qkv, its sinks, its columns of the output projection,
+  whose partial products are summed over the ranks before the bias;
+- MoE (expert parallel): the router is replicated, so every rank routes every token alike; rank r holds experts
+  [r E/W, (r+1) E/W) and computes only the (token, expert) pairs routed to them; the partial sums, float32 as the
+  single-process MoE accumulates them, are summed over the ranks;
+- embedding and unembedding: split by vocabulary rows; a token's embedding comes from the rank that holds it, and
+  every rank gathers the whole logits row, so that all sample the same token;
+- norms: replicated.
+Each rank loads only its slices of the checkpoint (gptoss.checkpoint reads them with safetensors' get_slice).
+Inference only for now: the collectives have no backward (fine-tuning runs in one process).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Any
+
+import torch
+
+from gptoss.config import ModelConfig
+from gptoss.errors import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class Shard:
+    """This process's place in a tensor/expert-parallel group (world_size 1: the whole model, no collectives)."""
+
+    rank: int = 0
+    world_size: int = 1
+    group: Any = None  # a torch.distributed ProcessGroup; None means the default group
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+    def part(self, total: int, what: str) -> tuple[int, int]:
+        """[start, stop) of this rank's equal share of `total` items."""
+        if total % self.world_size:
+            raise ConfigError(f"{what} ({total}) cannot be split evenly over {self.world_size} ranks")
+        size = total // self.world_size
+        return self.rank * size, (self.rank + 1) * size
+
+    def check(self, config: ModelConfig) -> None:
+        """ConfigError unless every split of this module's scheme is even for `config`."""
+        self.part(config.num_key_value_heads, "num_key_value_heads")
+        self.part(config.num_experts, "num_experts")
+        self.part(config.vocab_size, "vocab_size")
+
+    def sum(self, x: torch.Tensor) -> torch.Tensor:
+        """The elementwise sum of x over the ranks (x itself on one rank); x is a fresh intermediate, summed in
+        place."""
+        if not self.parallel:
+            return x
+        _no_autograd(x)
+        torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def from_first(self, value: int, device: str | torch.device) -> int:
+        """Rank 0's value of an int64 (a random seed, say) on every rank."""
+        if not self.parallel:
+            return value
+        held = torch.tensor([value], dtype=torch.int64, device=device)
+        torch.distributed.broadcast(held, src=torch.distributed.get_global_rank(self._group(), 0), group=self.group)
+        return int(held)
+
+    def _group(self):
+        return self.group or torch.distributed.group.WORLD
+
+    def cat_last(self, x: torch.Tensor) -> torch.Tensor:
+        """The ranks' x concatenated in rank order along the last dimension."""
+        if not self.parallel:
+            return x
+        _no_autograd(x)
+        parts = [torch.empty_like(x) for _ in range(self.world_size)]
+        torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
+        return torch.cat(parts, dim=-1)
+
+
+def _no_autograd(x: torch.Tensor) -> None:
+    """The collectives here have no backward (a row-parallel sum's gradient is not the sum's own): training through
+    a sharded model would get wrong gradients silently, so it stops instead."""
+    if x.requires_grad:
+        raise NotImplementedError("gradients through a tensor/expert-parallel model are not implemented; "
+                                  "fine-tune in one process (world size 1) or under torch.no_grad()")
+
+
+SINGLE = Shard()
+
+
+def shard_from_env(device: str | torch.device) -> Shard:
+    """Under torchrun (WORLD_SIZE > 1): joins the default process group (NCCL on CUDA, gloo on the CPU) and returns
+    this rank's Shard; SINGLE otherwise."""
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if world_size == 1:
+        return SINGLE
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
+    return Shard(dist.get_rank(), dist.get_world_size())
+
+
+def leave(shard: Shard) -> None:
+    """Ends what shard_from_env began (destroys the default process group it joined)."""
+    if shard.parallel and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def local_device(device: str | torch.device) -> torch.device:
+    """A CUDA device given without an index means this rank's GPU (LOCAL_RANK) under torchrun."""
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
+
+
+def held_ranges(key: str, config: ModelConfig, shard: Shard) -> tuple[int, list[tuple[int, int]]] | None:
+    """For a model state key (original-layout name): (dim, ranges) when a rank holds slices of it, the ranges of
+    the full tensor's indices along dim that it holds, in the order it stores them; None when it is replicated."""
+    if not shard.parallel:
+        return None
+    name = key.split(".")
+    if key in ("embedding.weight", "unembedding.weight"):
+        return 0, [shard.part(config.vocab_size, "vocab_size")]
+    if name[-2:] in (["qkv", "weight"], ["qkv", "bias"]):
+        heads = _head_ranges(config, shard)
+        q, kv = config.q_dim, config.kv_dim
+        return 0, [heads["q"], (q + heads["kv"][0], q + heads["kv"][1]), (q + kv + heads["kv"][0], q + kv + heads["kv"][1])]
+    if name[-1] == "sinks":
+        start, stop = _head_ranges(config, shard)["q"]
+        return 0, [(start // config.head_dim, stop // config.head_dim)]
+    if name[-2:] == ["out", "weight"]:
+        return 1, [_head_ranges(config, shard)["q"]]
+    if name[-2] in ("mlp1_weight", "mlp2_weight") or name[-1] in ("mlp1_bias", "mlp2_bias"):
+        return 0, [shard.part(config.num_experts, "num_experts")]
+    return None
+
+
+def _head_ranges(config: ModelConfig, shard: Shard) -> dict[str, tuple[int, int]]:
+    """This rank's rows of q and of k (and v) within each, in features (heads * head_dim)."""
+    kv_start, kv_stop = shard.part(config.num_key_value_heads, "num_key_value_heads")
+    group = config.num_attention_heads // config.num_key_value_heads
+    d = config.head_dim
+    return {"q": (kv_start * group * d, kv_stop * group * d), "kv": (kv_start * d, kv_stop * d)}

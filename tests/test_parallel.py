@@ -1,0 +1,152 @@
+"""Tensor/expert parallelism (gptoss.parallel): each rank loads only its slices of a real checkpoint, and real
+torch.distributed processes (gloo on the CPU) compute what one process computes."""
+
+import dataclasses
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import gptoss.checkpoint
+from conftest import SMALL, relative_error
+from gptoss.checkpoint import load_model
+from gptoss.checkpoint_writer import write_checkpoint
+from gptoss.config import preset
+from gptoss.errors import ConfigError
+from gptoss.generate import TokenGenerator
+from gptoss.model import Transformer
+from gptoss.parallel import Shard, held_ranges
+
+# 4 KV heads so that 4 ranks can split them (SMALL has 2)
+WIDE = dataclasses.replace(SMALL, num_attention_heads=8, num_key_value_heads=4)
+LAYOUTS = {"original": ("original", "mxfp4", False), "hf-mxfp4": ("hf", "mxfp4", False),
+           "hf-dense": ("hf", "dense", False), "dequantized": ("original", "mxfp4", True)}
+
+
+@pytest.fixture(scope="module")
+def wide_checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("wide")
+    return {(layout, experts): write_checkpoint(root / f"{layout}-{experts}", WIDE, layout, experts, seed=3,
+                                                num_shards=2)
+            for layout, experts in {(lay, exp) for lay, exp, _ in LAYOUTS.values()}}
+
+
+def held_part(full: torch.Tensor, key: str, shard: Shard) -> torch.Tensor:
+    """The slices of a whole-model tensor that `shard` should hold, by the scheme's ranges."""
+    held = held_ranges(key, WIDE, shard)
+    if held is None:
+        return full
+    dim, ranges = held
+    return torch.cat([full.narrow(dim, start, stop - start) for start, stop in ranges], dim=dim)
+
+
+class CountingHandle:
+    """A safetensors handle that counts the bytes of the tensors it hands out."""
+
+    def __init__(self, handle, counter):
+        self.handle, self.counter = handle, counter
+
+    def __enter__(self):
+        self.handle.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self.handle.__exit__(*exc)
+
+    def keys(self):
+        return self.handle.keys()
+
+    def get_tensor(self, name):
+        return self._count(self.handle.get_tensor(name))
+
+    def get_slice(self, name):
+        sliced = self.handle.get_slice(name)
+        return type("Slice", (), {"__getitem__": lambda _, index: self._count(sliced[index])})()
+
+    def _count(self, tensor):
+        self.counter[0] += tensor.numel() * tensor.element_size()
+        return tensor
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+@pytest.mark.parametrize("case", list(LAYOUTS))
+def test_each_rank_loads_only_its_slices(wide_checkpoints, case, world_size, monkeypatch):
+    layout, experts, dequantize = LAYOUTS[case]
+    folder = wide_checkpoints[(layout, experts)]
+    whole = load_model(folder, dtype=torch.float32, dequantize=dequantize).state_dict()
+    real_open = gptoss.checkpoint.safe_open
+    counter = [0]
+    monkeypatch.setattr(gptoss.checkpoint, "safe_open", lambda *a, **k: CountingHandle(real_open(*a, **k), counter))
+    load_model(folder, dtype=torch.float32, dequantize=dequantize)
+    whole_bytes = counter[0]
+    replicated = sum(t.numel() * t.element_size() for k, t in
+                     load_model(folder, dtype=torch.float32).state_dict().items()
+                     if held_ranges(k, WIDE, Shard(0, world_size)) is None and "rope" not in k)
+    for rank in range(world_size):
+        shard = Shard(rank, world_size)
+        counter[0] = 0
+        part = load_model(folder, dtype=torch.float32, dequantize=dequantize, shard=shard).state_dict()
+        assert part.keys() == whole.keys()
+        for key, tensor in part.items():
+            assert torch.equal(tensor, held_part(whole[key], key, shard)), key
+        assert counter[0] < whole_bytes / world_size + replicated, (counter[0], whole_bytes)
+
+
+def run_rank(rank, world_size, folder, store, results):
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = load_model(folder, dtype=torch.float32, shard=Shard(rank, world_size))
+        tokens = torch.randint(0, WIDE.vocab_size, (70,), generator=torch.Generator().manual_seed(0))
+        with torch.no_grad():
+            logits = model(tokens)
+        generator = TokenGenerator(None, "cpu", context_length=128, model=model)
+        prompt = tokens[:40].tolist()
+        greedy = list(generator.generate(prompt, (), temperature=0.0, max_tokens=12))
+        sampled = list(generator.generate(prompt, (), temperature=1.0, max_tokens=12))  # unseeded: rank 0's seed
+        torch.save({"logits": logits, "greedy": greedy, "sampled": sampled}, f"{results}.{rank}")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_ranks_compute_what_one_process_does(wide_checkpoints, world_size, tmp_path):
+    folder = wide_checkpoints[("original", "mxfp4")]
+    mp.spawn(run_rank, args=(world_size, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=world_size)
+    model = load_model(folder, dtype=torch.float32)
+    tokens = torch.randint(0, WIDE.vocab_size, (70,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = model(tokens)
+    greedy = list(TokenGenerator(None, "cpu", context_length=128, model=model).generate(
+        tokens[:40].tolist(), (), temperature=0.0, max_tokens=12))
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(world_size)]
+    for result in results:
+        assert relative_error(result["logits"], expected) <= 1e-5
+        assert result["greedy"] == greedy
+        assert result["sampled"] == results[0]["sampled"]
+
+
+def test_torchrun_generate_prints_what_one_process_prints(tmp_path):
+    folder = write_checkpoint(tmp_path / "ckpt", preset("tiny"), "original", seed=5)  # the tokenizer's vocabulary
+    command = ["generate", str(folder), "-p", "The capital of France is", "-n", "12", "-t", "0", "--device", "cpu"]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET",)}
+    alone = subprocess.run([sys.executable, "-m", "gptoss", *command], capture_output=True, text=True, env=env)
+    assert alone.returncode == 0, alone.stderr
+    ranks = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                            "-m", "gptoss", *command], capture_output=True, text=True, env=env)
+    assert ranks.returncode == 0, ranks.stderr[-3000:]
+    assert ranks.stdout == alone.stdout
+    assert "rank 0 of 2" in ranks.stderr
+
+
+def test_uneven_split_is_refused():
+    with pytest.raises(ConfigError, match=r"num_key_value_heads \(2\) cannot be split evenly over 3 ranks"):
+        Transformer(SMALL, shard=Shard(0, 3), device="meta")
+
+
+def test_training_through_shards_stops():
+    model = Transformer(WIDE, shard=Shard(0, 2), dtype=torch.float32)
+    with pytest.raises(NotImplementedError, match="tensor/expert-parallel"):
+        model(torch.tensor([1, 2, 3]))
