@@ -77,6 +77,7 @@ class ToolCallArgsDelta:
 @dataclass(frozen=True)
 class ToolCallEnd:
     index: int
+    complete: bool = True  # False: the turn ended inside the call's arguments (max tokens, a stop string)
 
 
 @dataclass(frozen=True)
@@ -223,6 +224,19 @@ class HarmonyStreamParser:
         return self._state == _DONE
 
     @property
+    def in_header(self) -> bool:
+        """Between messages: text tokens fed now are a header, unless it turns out to be headerless text."""
+        return self._state == _HEADER
+
+    @property
+    def in_content(self) -> bool:
+        """Inside a content message: text tokens fed now are content (even while a split UTF-8 character waits)."""
+        return self._state == _BODY and self._route == _CONTENT
+
+    def is_text(self, token: int) -> bool:
+        return 0 <= token < self._first_special
+
+    @property
     def result(self) -> ParseResult:
         return ParseResult(
             reasoning="".join(self._reasoning),
@@ -337,20 +351,21 @@ class HarmonyStreamParser:
         self._content.append(text)
         return [ContentDelta(text)]
 
-    def _end_message(self) -> list[Event]:
-        """Close the current message (a header that never reached <|message|> becomes one) and expect a header."""
+    def _end_message(self, complete: bool = True) -> list[Event]:
+        """Close the current message (a header that never reached <|message|> becomes one) and expect a header;
+        complete=False: generation stopped inside it."""
         out: list[Event] = []
         if self._state == _HEADER:
             out += self._open_body(terminated=False)
         out += self._emit(self._decoder.decode(b"", final=True))
         if self._route == _TOOL:
-            out.append(ToolCallEnd(len(self._calls) - 1))
+            out.append(ToolCallEnd(len(self._calls) - 1, complete))
         self._new_header()
         return out
 
     def _end_turn(self, reason: str | None) -> list[Event]:
         """End the turn; reason None (a stop token) means "tool_calls" if any tool call was made, else "stop"."""
-        out = self._end_message()
+        out = self._end_message(complete=reason is None)
         if reason is None:
             reason = "tool_calls" if self._calls else "stop"
         self._state = _DONE

@@ -49,3 +49,22 @@ def test_prompt_longer_than_the_context(tmp_path):
     assert re.fullmatch(r"gptoss: error: prompt of \d+ tokens \+ 20 to generate exceeds the context length of 32",
                         result.stderr.strip().splitlines()[-1])
     assert result.stdout == ""
+
+
+def test_serve_refuses_a_busy_port_before_loading(tmp_path):
+    import socket
+
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = gptoss("serve", str(tmp_path / "no-such-checkpoint"), "--port", str(port))
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == [f"gptoss: error: cannot listen on 127.0.0.1:{port}: "
+                                                  "Address already in use"]
+
+
+@pytest.mark.parametrize("port", ["70000", "-1", "http"])
+def test_serve_port_out_of_range(port):
+    result = gptoss("serve", "--port", port)
+    assert result.returncode == 2 and f"expected a port number 0-65535, got '{port}'" in result.stderr

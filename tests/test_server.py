@@ -176,6 +176,8 @@ USER = [{"role": "user", "content": "What is the weather in Paris?"}]
 WEATHER_TOOL = {"type": "function", "function": {
     "name": "get_weather", "description": "Current weather in a city",
     "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}
+RESPONSES_WEATHER_TOOL = {"type": "function", "name": "get_weather", "description": "weather",
+                          "parameters": WEATHER_TOOL["function"]["parameters"]}
 ANSWER = "<|channel|>analysis<|message|>User asks weather.<|end|><|start|>assistant<|channel|>final<|message|>Sunny, 20 C.<|return|>"
 TOOL_CALL = '<|channel|>commentary to=functions.get_weather <|constrain|>json<|message|>{"city":"Paris"}<|call|>'
 
@@ -212,6 +214,9 @@ def collect_chat_stream(stream):
 
 def test_models_and_health(client, http):
     assert [m.id for m in client.models.list().data] == [MODEL]
+    assert client.models.retrieve(MODEL).id == MODEL
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve("gpt-5")
     r = http.get("/health")
     assert r.status_code == 200 and r.json()["status"] == "ok"
     assert {"running", "waiting", "free_blocks", "total_blocks"} <= set(r.json()["engine"])
@@ -254,6 +259,8 @@ def test_chat_max_completion_tokens_and_length(client, engine):
     assert r.choices[0].finish_reason == "length"
     assert r.usage.completion_tokens == 6
     assert r.choices[0].message.content == detok(toks("<|channel|>final<|message|>one two three four five")[3:6])
+    r = client.chat.completions.create(model=MODEL, messages=USER, max_tokens=3, max_completion_tokens=5)
+    assert engine.calls[-1]["params"].max_tokens == 5  # the newer name wins, as in OpenAI's API
 
 
 # --- tool calls -----------------------------------------------------------------------------------------------------
@@ -310,10 +317,10 @@ def test_tool_choice(client, engine):
     assert r.usage.prompt_tokens == len(call["prompt"])
     # required with several tools: the model must pick the function
     other = {"type": "function", "function": {"name": "get_time", "parameters": {"type": "object"}}}
-    engine.script('get_time <|constrain|>json<|message|>{}<|call|>')
+    engine.script('.get_time <|constrain|>json<|message|>{}<|call|>')
     r = client.chat.completions.create(model=MODEL, messages=USER, tools=[WEATHER_TOOL, other],
                                        tool_choice="required")
-    assert detok(engine.calls[-1]["prompt"]).endswith("<|channel|>commentary to=functions.")
+    assert detok(engine.calls[-1]["prompt"]).endswith("<|channel|>commentary to=functions")
     assert r.choices[0].message.tool_calls[0].function.name == "get_time"
     # a named tool that does not exist
     with pytest.raises(openai.BadRequestError):
@@ -374,6 +381,19 @@ def test_logprobs(client, engine):
     assert r.choices[0].logprobs is None
 
 
+@pytest.mark.parametrize("script, content", [
+    ("<|channel|>final<|message|>Hi 🫠 龘!<|return|>", "Hi 🫠 龘!"),  # characters split over tokens
+    ("Plain words, no header<|return|>", "Plain words, no header"),  # a header that turns out to be text
+])
+def test_logprobs_one_entry_per_content_token(client, engine, script, content):
+    engine.script(script)
+    r = client.chat.completions.create(model=MODEL, messages=USER, logprobs=True)
+    lp = r.choices[0].logprobs.content
+    assert r.choices[0].message.content == content
+    assert len(lp) == len(toks(content))  # every token that made content text, none twice
+    assert bytes(b for e in lp for b in e.bytes).decode() == content
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_stop_strings(client, engine, stream):
     text = "<|channel|>final<|message|>Count: one, two, three, four, five.<|return|>"
@@ -432,8 +452,7 @@ def test_responses_stream_events(client, engine):
 
 
 def test_responses_function_call_and_previous_response(client, engine):
-    tools = [{"type": "function", "name": "get_weather", "description": "weather",
-              "parameters": WEATHER_TOOL["function"]["parameters"]}]
+    tools = [RESPONSES_WEATHER_TOOL]
     engine.script(TOOL_CALL)
     events = list(client.responses.create(model=MODEL, input="Weather in Paris?", tools=tools, stream=True))
     types = [e.type for e in events]
@@ -488,6 +507,16 @@ def test_responses_incomplete(client, engine):
     r = client.responses.create(model=MODEL, input="hi", max_output_tokens=8)
     assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
     assert r.output_text.startswith("word") and r.usage.output_tokens == 8
+    # a function call cut off inside its arguments is an incomplete item, not a completed call
+    cut = TOOL_CALL.index("Paris")
+    engine.script(TOOL_CALL)
+    r = client.responses.create(model=MODEL, input="hi", tools=[RESPONSES_WEATHER_TOOL],
+                                max_output_tokens=len(toks(TOOL_CALL[:cut])))
+    (call,) = r.output
+    assert call.type == "function_call" and call.status == "incomplete" and r.status == "incomplete"
+    engine.script(TOOL_CALL)
+    r = client.responses.create(model=MODEL, input="hi", tools=[RESPONSES_WEATHER_TOOL])
+    assert r.output[0].status == "completed" and r.output[0].arguments == '{"city":"Paris"}'
 
 
 # --- errors -----------------------------------------------------------------------------------------------------------
@@ -500,6 +529,12 @@ def test_api_key(served, http):
         bad.chat.completions.create(model=MODEL, messages=USER)
     r = httpx.post(srv.base + "/v1/chat/completions", json={"model": MODEL, "messages": USER})
     assert r.status_code == 401 and r.json()["error"]["type"] == "invalid_request_error"
+    with pytest.raises(openai.AuthenticationError):
+        bad.responses.create(model=MODEL, input="hi")
+    with pytest.raises(openai.AuthenticationError):
+        bad.responses.retrieve("resp_123")
+    with pytest.raises(openai.AuthenticationError):
+        bad.models.retrieve(MODEL)
     assert http.get("/health").status_code == 200
 
 
@@ -545,6 +580,13 @@ BAD_REQUESTS = [
     ("/v1/responses", {"model": MODEL, "input": "hi", "max_output_tokens": 10 ** 6}, 400),
     ("/v1/responses", {"model": MODEL, "input": "hi", "tools": [{"type": "web_search"}]}, 400),
     ("/v1/responses", {"model": MODEL, "input": "hi", "reasoning": {"effort": 3}}, 400),
+    ("/v1/chat/completions", b"[" * 100000 + b"]" * 100000, 400),  # nested beyond the JSON parser's depth
+    ("/v1/chat/completions", _chat(max_tokens="5"), 400),  # strict types, as OpenAI's API
+    ("/v1/chat/completions", _chat(max_tokens=5.0), 400),
+    ("/v1/chat/completions", _chat(stream="true"), 400),
+    ("/v1/chat/completions", _chat(logprobs=1), 400),
+    ("/v1/responses", {"model": MODEL, "input": [
+        {"type": "function_call_output", "call_id": "call_nowhere", "output": "20 C"}]}, 400),
     ("/v1/nothing", {}, 404),
 ]
 
@@ -564,6 +606,22 @@ def test_bad_requests(http, engine, path, body, status):
     engine.script("<|channel|>final<|message|>still here<|return|>")
     ok = http.post("/v1/chat/completions", json=_chat())
     assert ok.status_code == 200 and ok.json()["choices"][0]["message"]["content"] == "still here"
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": 5}]), "messages[0].content"),
+    ("/v1/chat/completions", _chat(stop=["a", 5]), "stop[1]"),
+    ("/v1/chat/completions", _chat(tools=[WEATHER_TOOL], tool_choice={"type": "function", "function": {}}),
+     "tool_choice.function.name"),
+    ("/v1/chat/completions", _chat(max_tokens=10 ** 6), "max_tokens"),
+    ("/v1/chat/completions", _chat(messages=[{"role": "user", "content": "word " * 5000}]), "messages"),
+    ("/v1/responses", {"model": MODEL, "input": "word " * 5000}, "input"),
+    ("/v1/responses", {"model": MODEL, "input": [
+        {"type": "function_call_output", "call_id": "call_nowhere", "output": "20 C"}]}, "input[0].call_id"),
+])
+def test_bad_request_names_the_param(http, path, body, param):
+    r = http.post(path, json=body)
+    assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
 
 
 def test_engine_context_error_is_400(http, engine):
@@ -754,6 +812,14 @@ def test_chat_cli_two_turns(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "gptoss.cli", "chat", "-n", "2", "--device", "cpu"],
                           input="Hi\n/exit\nnot read\n", capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode == 0 and proc.stdout.count("assistant> ") == 1, proc.stderr
+
+    # /reset starts the next turn from an empty history (with the developer message still in front)
+    proc = subprocess.run([sys.executable, "-m", "gptoss.cli", "chat", "-n", "2", "--device", "cpu", "--developer",
+                           "Answer in French."], input="Hello there\nAnd again?\n/reset\nHello there\n",
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 0 and "history cleared" in proc.stderr, proc.stderr
+    d1, d2, d3 = (int(line.split("prompt ")[1].split()[0]) for line in proc.stderr.splitlines() if "[turn" in line)
+    assert d2 > d1 == d3
 
 
 def test_serve_cli_on_demo_checkpoint():

@@ -5,6 +5,8 @@ Client mistakes are 4xx, never 500: handlers raise APIError and the app's except
 
 from __future__ import annotations
 
+import re
+
 from fastapi.responses import JSONResponse
 
 
@@ -32,11 +34,16 @@ def client_disconnected_response() -> JSONResponse:
     return error_response(499, "client disconnected")
 
 
+# What pydantic puts in an error's location after a union field: the member it tried ("str", "list[...]",
+# "literal['auto',...]", "ChatNamedToolChoice"), which is not part of the client's field name.
+_UNION_MEMBER = re.compile(r"^(str|int|float|bool|list|dict|none)$|[\[\]'(]|^[A-Z]")
+
+
 def _loc_to_param(loc) -> str | None:
     """A pydantic error location ("body", "messages", 0, "role") -> the OpenAI param name ("messages[0].role")."""
     out = ""
     for part in loc:
-        if part == "body":
+        if part == "body" or (isinstance(part, str) and _UNION_MEMBER.search(part)):
             continue
         if isinstance(part, int):
             out += f"[{part}]"
@@ -46,10 +53,11 @@ def _loc_to_param(loc) -> str | None:
 
 
 def validation_error(errors: list[dict]) -> APIError:
-    """pydantic's error list -> one 400 APIError naming the first offending field."""
+    """pydantic's error list -> one 400 APIError naming the most specific offending field."""
     if not errors:
         return APIError(400, "invalid request body")
-    err = errors[0]
+    # the deepest location: of a union's members, the one that matched the input's shape got furthest
+    err = max(errors, key=lambda e: len(e.get("loc", ())))
     if err.get("type") == "json_invalid":
         return APIError(400, f"the request body is not valid JSON: {err.get('msg')}", code="invalid_json")
     param = _loc_to_param(err.get("loc", ()))

@@ -8,7 +8,7 @@ Both endpoints turn their input into OpenAI chat messages first; from there on t
   namespace; earlier tool calls and results in the history are still rendered); a named function and "required"
   with a single tool prefill the assistant header `<|channel|>commentary to=functions.N <|constrain|>json<|message|>`
   so the model writes the arguments right away; "required" with several tools prefills
-  `<|channel|>commentary to=functions.` so the model must call a function but picks which. Prefilled turns have
+  `<|channel|>commentary to=functions` so the model must call a function but picks which. Prefilled turns have
   no analysis (the header is already past it). Prefilled tokens count as prompt tokens in usage.
 """
 
@@ -70,17 +70,18 @@ def _tool_choice_prefill(tokenizer, tool_choice, names: list[str]) -> list[int]:
         return tokenizer.encode(f"<|channel|>commentary to=functions.{forced} <|constrain|>json<|message|>",
                                 allowed_special="all")
     if tool_choice == "required":
-        return tokenizer.encode("<|channel|>commentary to=functions.", allowed_special="all")
+        # no dot: the model writes ".name" as it was trained to tokenize it (functions | .get | _weather)
+        return tokenizer.encode("<|channel|>commentary to=functions", allowed_special="all")
     return []
 
 
-def _fit_max_tokens(n_prompt: int, context: int, max_tokens: int | None, max_param: str) -> int:
+def _fit_max_tokens(n_prompt: int, context: int, max_tokens: int | None, max_param: str, input_param: str) -> int:
     """max_tokens, defaulting to the rest of the context; a 400 if the prompt and max_tokens do not fit."""
     if max_tokens is None:
         max_tokens = context - n_prompt
         if max_tokens < 1:
             raise APIError(400, f"the prompt has {n_prompt} tokens, which fills the context length of "
-                           f"{context}", param="messages", code="context_length_exceeded")
+                           f"{context}", param=input_param, code="context_length_exceeded")
     elif n_prompt + max_tokens > context:
         raise APIError(400, f"the prompt of {n_prompt} tokens + {max_param} {max_tokens} = "
                        f"{n_prompt + max_tokens} exceeds the context length of {context}", param=max_param,
@@ -89,10 +90,11 @@ def _fit_max_tokens(n_prompt: int, context: int, max_tokens: int | None, max_par
 
 
 def prepare_prompt(server, messages: list[dict], tools: list[dict], tool_choice, effort: str | None,
-                   system_prompt: str | None, max_tokens: int | None,
-                   max_param: str) -> tuple[list[int], list[int], int]:
+                   system_prompt: str | None, max_tokens: int | None, max_param: str,
+                   input_param: str = "messages") -> tuple[list[int], list[int], int]:
     """-> (prompt tokens, prefill tokens, max_tokens). tools are flat {"name", "description", "parameters"};
-    tool_choice is "auto" | "none" | "required" | a function name; max_param names max_tokens in errors."""
+    tool_choice is "auto" | "none" | "required" | a function name; max_param and input_param name max_tokens and
+    the conversation in errors."""
     names = [t["name"] for t in tools]
     if tool_choice not in _TOOL_CHOICE_MODES and tool_choice not in names:
         raise APIError(400, f"tool_choice: no tool named {tool_choice!r} in tools", param="tool_choice")
@@ -103,7 +105,7 @@ def prepare_prompt(server, messages: list[dict], tools: list[dict], tool_choice,
     prompt = _render(messages, offered, effort, system_prompt)
     prefill = _tool_choice_prefill(server.tokenizer, tool_choice, names)
     max_tokens = _fit_max_tokens(len(prompt) + len(prefill), int(server.engine.context_length), max_tokens,
-                                 max_param)
+                                 max_param, input_param)
     return prompt, prefill, max_tokens
 
 

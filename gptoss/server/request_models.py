@@ -1,7 +1,7 @@
 """Request bodies of /v1/chat/completions and /v1/responses: pydantic models, JSON parsing and tool checks.
 
-Unknown fields are ignored (clients send many OpenAI options we do not implement); wrong types or out-of-range
-values are 400s naming the field.
+Unknown fields are ignored (clients send many OpenAI options we do not implement); wrong types (strictly: "5"
+is not an integer, nor 1 a boolean, as OpenAI's API has it) or out-of-range values are 400s naming the field.
 """
 
 from __future__ import annotations
@@ -27,14 +27,14 @@ ReasoningEffort = Literal["minimal", "low", "medium", "high"]
 
 
 class _IgnoreExtra(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
 
 # --- /v1/chat/completions -------------------------------------------------------------------------------------------
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="allow")  # passed on to build_conversation as a dict, extras included
+    model_config = ConfigDict(extra="allow", strict=True)  # passed on to build_conversation as a dict, extras included
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[dict[str, Any]] | None = None
     name: str | None = None
@@ -138,6 +138,8 @@ async def parse_request(request: Request, model: type[BaseModel], served_model: 
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as e:
         raise APIError(400, f"the request body is not valid JSON: {e}", code="invalid_json") from None
+    except RecursionError:
+        raise APIError(400, "the request body is nested too deeply", code="invalid_json") from None
     if not isinstance(data, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:

@@ -144,7 +144,7 @@ class ResponseBuilder:
             self._emit("response.function_call_arguments.delta", item_id=self.current["id"],
                        output_index=len(self.output) - 1, delta=ev.text)
         elif isinstance(ev, ToolCallEnd):
-            self._close()
+            self._close("completed" if ev.complete else "incomplete")
         return self.drain()
 
     def finish(self) -> dict:

@@ -41,6 +41,7 @@ def items_to_messages(history: list[dict], items: list[dict]) -> list[dict]:
             messages.append(current)
             current = None
 
+    call_ids: set[str] = set()  # of the function_call items so far: what a function_call_output may answer
     n_hist = len(history)
     for k, item in enumerate(history + items):
         where = f"input[{k - n_hist}]" if k >= n_hist else f"previous_response[{k}]"
@@ -73,6 +74,7 @@ def items_to_messages(history: list[dict], items: list[dict]) -> list[dict]:
             for key in ("call_id", "name", "arguments"):
                 if not isinstance(item.get(key), str):
                     raise APIError(400, f"{where}.{key}: expected a string", param=f"{where}.{key}")
+            call_ids.add(item["call_id"])
             if current is None:
                 current = {"role": "assistant"}
             current.setdefault("tool_calls", []).append(
@@ -81,6 +83,9 @@ def items_to_messages(history: list[dict], items: list[dict]) -> list[dict]:
         elif typ == "function_call_output":
             if not isinstance(item.get("call_id"), str):
                 raise APIError(400, f"{where}.call_id: expected a string", param=f"{where}.call_id")
+            if item["call_id"] not in call_ids:
+                raise APIError(400, f"{where}.call_id: no earlier function_call item has call_id {item['call_id']!r}",
+                               param=f"{where}.call_id")
             output = item.get("output")
             if not isinstance(output, str):
                 output = _part_text(output, f"{where}.output") if isinstance(output, list) else json.dumps(output)

@@ -50,7 +50,7 @@ async def create_response(server: ServerState, request: Request, req: ResponsesR
     choice = req.tool_choice.name if isinstance(req.tool_choice, ResponsesNamedToolChoice) else req.tool_choice
     effort = req.reasoning.effort if req.reasoning else None
     prompt, prefill, max_tokens = prepare_prompt(server, messages, tools, choice, effort, req.instructions,
-                                                 req.max_output_tokens, "max_output_tokens")
+                                                 req.max_output_tokens, "max_output_tokens", "input")
     params = sampling_params(max_tokens, req.temperature, req.top_p, req.top_k, req.seed)
     turn = AssistantTurn(server.engine, prompt, prefill, params, [])
     if not await open_turn(request, turn):

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import os
+import socket
 import sys
 
 import uvicorn
 
+from gptoss.errors import GptOssError
 from gptoss.server.app import create_app
 
 
@@ -18,12 +20,24 @@ def _served_model_name(folder: str) -> str:
     return os.path.basename(path) or "gpt-oss"
 
 
+def _listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads: a busy port fails at once, with one line."""
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except OSError as err:
+        raise GptOssError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    return sock
+
+
 def cmd_serve(args) -> int:
     """`gptoss serve`: load the checkpoint, start the engine and serve the OpenAI-compatible API with uvicorn."""
     # Imported here: torch is slow to import and the server's request models do not need it.
     from gptoss.cli import _checkpoint_or_demo, load_model_from_args
     from gptoss.engine import Engine
 
+    sock = _listening_socket(args.host, args.port)
     folder = _checkpoint_or_demo(args.checkpoint)
     model, _ = load_model_from_args(args, folder)
     engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
@@ -34,8 +48,12 @@ def cmd_serve(args) -> int:
     engine.start()
     print(f"gptoss: serving {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="info" if args.verbose else "warning"))
     try:
-        uvicorn.run(app, host=args.host, port=args.port, log_level="info" if args.verbose else "warning")
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down on Ctrl-C, then raises the signal again: a normal stop
+        pass
     finally:
         engine.stop()
+        sock.close()
     return 0

@@ -6,7 +6,8 @@ pass a scripted engine. The sampled tokens go through the tolerant HarmonyStream
 final channel and recipient-less preambles -> content; `functions.NAME` messages -> tool calls. Malformed output
 never fails a request: whatever was parsed is returned.
 
-logprobs cover the content tokens (the tokens whose text is returned as content), in OpenAI's
+logprobs cover the content tokens (the tokens whose text is returned as content, one entry each: also a token
+holding half of a UTF-8 character, and the tokens of a header that turned out to be plain text), in OpenAI's
 choices[].logprobs.content format. usage: prompt_tokens = rendered prompt (+ prefill) tokens, completion_tokens =
 tokens the engine generated.
 """
@@ -66,7 +67,8 @@ class AssistantTurn:
         self.tool_calls: list[dict] = []  # {"id", "name", "arguments"}
         self._agen = None
         self._first = None
-        self._lp_pending: list[dict] = []  # logprob entries of content tokens whose text the stopper holds back
+        self._lp_pending: list[dict] = []  # logprob entries of content tokens whose text is not yet returned
+        self._lp_header: list[dict] = []  # entries of the text tokens of the header being parsed
         self.cached_tokens = 0  # prompt tokens the engine reused from its prefix cache
         self.reasoning_tokens = 0  # generated tokens that produced analysis text
 
@@ -126,10 +128,21 @@ class AssistantTurn:
         self.content_logprobs += lps
         return [ContentChunk(text, lps)]
 
-    def _process(self, events: list, entry: dict | None) -> list:
-        out = []
-        if entry is not None and any(isinstance(e, ContentDelta) for e in events):
+    def _note_logprob(self, token: int, entry: dict, events: list) -> None:
+        """Files a sampled token's logprob entry under the content it belongs to (events: what feeding it gave)."""
+        is_text = self.parser.is_text(token)
+        if any(isinstance(e, ContentDelta) for e in events):  # incl. a header that became text: its tokens too
+            self._lp_pending += self._lp_header + [entry]
+        elif is_text and self.parser.in_content:  # half a character: its text comes with the next token's
             self._lp_pending.append(entry)
+        elif is_text and self.parser.in_header:
+            self._lp_header.append(entry)
+            return
+        if not self.parser.in_header or not is_text:
+            self._lp_header = []
+
+    def _process(self, events: list) -> list:
+        out = []
         for ev in events:
             if self.stopper.hit:
                 break
@@ -152,7 +165,7 @@ class AssistantTurn:
     async def events(self) -> AsyncIterator:
         try:
             for t in self.prefill:
-                for ev in self._process(self.parser.feed(t), None):
+                for ev in self._process(self.parser.feed(t)):
                     yield ev
             tok = self._first
             while tok is not None:
@@ -162,7 +175,10 @@ class AssistantTurn:
                     evs += self.parser.finish(tok.finish_reason)
                 if any(isinstance(e, ReasoningDelta) for e in evs):
                     self.reasoning_tokens += 1
-                for ev in self._process(evs, self._logprob_entry(tok)):
+                entry = self._logprob_entry(tok)
+                if entry is not None:
+                    self._note_logprob(tok.token, entry, evs)
+                for ev in self._process(evs):
                     yield ev
                 if self.stopper.hit or self.parser.done or tok.finish_reason is not None:
                     break
@@ -175,7 +191,7 @@ class AssistantTurn:
             self.finish_reason = "stop"
             return
         if not self.parser.done:
-            for ev in self._process(self.parser.finish("length"), None):
+            for ev in self._process(self.parser.finish("length")):
                 yield ev
         for ev in self._content(self.stopper.flush()):
             yield ev
