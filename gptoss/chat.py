@@ -5,12 +5,16 @@ history. Each turn renders the whole conversation (gptoss.harmony_history: the r
 message, --system / --developer text as developer instructions, earlier turns' analysis dropped once answered),
 generates with gptoss.generate.TokenGenerator until `<|return|>` / `<|call|>` and streams the answer through the
 tolerant HarmonyStreamParser. The analysis channel is hidden unless --show-reasoning (then dimmed on a terminal).
+Under torchrun every rank holds its shard of the model (gptoss.parallel): rank 0 reads each line and passes it on,
+all ranks generate alike, rank 0 prints.
 """
 
 from __future__ import annotations
 
+import io
 import sys
 import time
+from collections.abc import Callable
 
 from gptoss.errors import GptOssError
 
@@ -56,8 +60,10 @@ def _read_line(interactive: bool) -> str | None:
 
 def run_chat(generator, *, reasoning: str = "medium", system: str | None = None, developer: str | None = None,
              show_reasoning: bool = False, max_tokens: int = 0, temperature: float = 1.0, top_p: float = 1.0,
-             top_k: int = 0, seed: int | None = None, out=None, err=None, interactive: bool | None = None) -> int:
-    """The chat loop over an already built TokenGenerator; returns the exit status."""
+             top_k: int = 0, seed: int | None = None, out=None, err=None, interactive: bool | None = None,
+             read_line: Callable[[], str | None] | None = None) -> int:
+    """The chat loop over an already built TokenGenerator; returns the exit status. read_line: the next user line
+    or None at the end (default: stdin's)."""
     from gptoss.harmony_history import build_conversation, render_prompt
     from gptoss.harmony_parser import ContentDelta, Done, HarmonyStreamParser, ReasoningDelta, ToolCallStart
     from gptoss.tokenizer import STOP_TOKENS
@@ -65,6 +71,7 @@ def run_chat(generator, *, reasoning: str = "medium", system: str | None = None,
     out = out or sys.stdout
     err = err or sys.stderr
     interactive = sys.stdin.isatty() if interactive is None else interactive
+    read_line = read_line or (lambda: _read_line(interactive))
     color = bool(getattr(out, "isatty", lambda: False)())
     head = ([{"role": "system", "content": system}] if system else []) + (
         [{"role": "developer", "content": developer}] if developer else [])
@@ -73,7 +80,7 @@ def run_chat(generator, *, reasoning: str = "medium", system: str | None = None,
     if interactive:
         print("gptoss chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=err)
     while True:
-        line = _read_line(interactive)
+        line = read_line()
         if line is None:
             break
         text = line.strip()
@@ -136,11 +143,18 @@ def run_chat(generator, *, reasoning: str = "medium", system: str | None = None,
 
 
 def cmd_chat(args) -> int:
-    from gptoss.cli import load_model_from_args
+    from gptoss.cli import _default_device, load_model_from_args
     from gptoss.generate import TokenGenerator
+    from gptoss.parallel import joined, local_device
 
-    model, device = load_model_from_args(args)
-    generator = TokenGenerator(None, device, context_length=args.context, model=model)
-    return run_chat(generator, reasoning=args.reasoning, system=args.system, developer=args.developer,
-                    show_reasoning=args.show_reasoning, max_tokens=args.max_tokens, temperature=args.temperature,
-                    top_p=args.top_p, top_k=args.top_k, seed=args.seed)
+    with joined(local_device(args.device or _default_device())) as shard:  # under torchrun: this rank's part
+        model, device = load_model_from_args(args, shard=shard)
+        generator = TokenGenerator(None, device, context_length=args.context, model=model)
+        speaks = shard.rank == 0
+        interactive = speaks and sys.stdin.isatty()
+        return run_chat(generator, reasoning=args.reasoning, system=args.system, developer=args.developer,
+                        show_reasoning=args.show_reasoning, max_tokens=args.max_tokens, temperature=args.temperature,
+                        top_p=args.top_p, top_k=args.top_k, seed=args.seed,
+                        out=None if speaks else io.StringIO(), err=None if speaks else io.StringIO(),
+                        interactive=interactive,
+                        read_line=lambda: shard.object_from_first(_read_line(interactive) if speaks else None))

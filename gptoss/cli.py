@@ -54,13 +54,10 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_generate(args) -> int:
-    from gptoss.parallel import leave, local_device, shard_from_env
+    from gptoss.parallel import joined, local_device
 
-    shard = shard_from_env(local_device(args.device or _default_device()))  # under torchrun: this rank's part
-    try:
+    with joined(local_device(args.device or _default_device())) as shard:  # under torchrun: this rank's part
         return _generate(args, shard)
-    finally:
-        leave(shard)
 
 
 def _generate(args, shard) -> int:

@@ -40,6 +40,11 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   packed step costs O(step tokens x gathered keys). On CUDA, gptoss.cuda_cache.TritonPagedKVCache runs the Triton
   kernels (flash prefill per sequence, split-K decode reading the pools through the block tables), the MoE runs
   its Triton kernels, and decode steps replay CUDA graphs captured per batch-size bucket (gptoss.cuda_graph).
+- Tensor/expert parallel (a model built with a gptoss.parallel.Shard, under torchrun): rank 0's engine schedules
+  and samples; before each forward it sends the step (tokens, block tables, positions) to the other ranks, whose
+  engines run `follow()`: the same forward over their shard and their own paged cache (same blocks, their KV
+  heads), until rank 0's engine stops. Sharded models step eagerly through PagedKVCache (no Triton cache or
+  graphs yet).
 """
 
 from __future__ import annotations
@@ -172,14 +177,16 @@ class Engine:
         self.blocks = BlockManager(num_blocks, block_size)
         self.graphed_decode = None
         self.launch_ahead = model.device.type == "cuda" if launch_ahead is None else launch_ahead
-        if use_triton(model.embedding.weight):
+        self.shard = model.shard
+        if use_triton(model.embedding.weight) and not self.shard.parallel:
             from gptoss.cuda_cache import TritonPagedKVCache
             from gptoss.cuda_graph import GraphedBatchDecode
 
             self.cache = TritonPagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
             self.graphed_decode = GraphedBatchDecode(model, self.cache, max_batch_size, context_length)
         else:
-            self.cache = PagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
+            self.cache = PagedKVCache(model.local_config, num_blocks, block_size, device=model.device,
+                                      dtype=model.dtype)
         self._waiting: deque[_Request] = deque()
         self._running: list[_Request] = []
         self._cv = threading.Condition()
@@ -227,13 +234,16 @@ class Engine:
             self._thread.start()
 
     def stop(self) -> None:
-        """Stops the step loop after its current step; pending requests fail with EngineError."""
+        """Stops the step loop after its current step; pending requests fail with EngineError. In a parallel
+        group, the other ranks' follow() returns."""
         with self._cv:
             thread = self._thread
             self._stopping = True
             self._cv.notify_all()
         if thread is not None and thread is not threading.current_thread():
             thread.join()
+        if self.shard.parallel and thread is not None:
+            self.shard.object_from_first(None)
         with self._cv:
             self._thread = None
             err = EngineError("the engine was stopped")
@@ -606,10 +616,22 @@ class Engine:
                 err.__cause__ = e
                 self._fail(req, err)
 
+    def follow(self) -> None:
+        """On a rank other than 0 of a parallel group: runs the forward of every step rank 0's engine runs, over this
+        rank's shard and cache, until that engine stops."""
+        while (step := self.shard.object_from_first(None)) is not None:
+            count, dtype, entries = step
+            tokens = self.shard.tensor_from_first(torch.empty(count, dtype=dtype, device=self.model.device))
+            with torch.inference_mode():
+                self._forward(tokens, entries)
+
     def _forward(self, tokens: torch.Tensor, entries) -> torch.Tensor:
         """(N,) packed tokens of the step's sequences (entries: (block_table, start, end) each) -> logits (B, V)
         of each sequence's last fed token. On CUDA attention and MoE run as Triton kernels, and decode steps (one
-        token per sequence) replay CUDA graphs."""
+        token per sequence) replay CUDA graphs. On rank 0 of a parallel group, the other ranks follow."""
+        if self.shard.parallel and self.shard.rank == 0:
+            self.shard.object_from_first((len(tokens), tokens.dtype, entries))
+            self.shard.tensor_from_first(tokens)
         if self.graphed_decode is not None and len(tokens) == len(entries):
             return self.graphed_decode(tokens, entries)
         ends = itertools.accumulate(end - start for _, start, end in entries)  # packed row after each sequence

@@ -17,8 +17,10 @@ Inference only for now: the collectives have no backward (fine-tuning runs in on
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -69,6 +71,21 @@ class Shard:
         torch.distributed.broadcast(held, src=torch.distributed.get_global_rank(self._group(), 0), group=self.group)
         return int(held)
 
+    def tensor_from_first(self, x: torch.Tensor) -> torch.Tensor:
+        """Rank 0's x on every rank (the others pass a tensor of the same shape and dtype to receive it)."""
+        if self.parallel:
+            torch.distributed.broadcast(x, src=torch.distributed.get_global_rank(self._group(), 0), group=self.group)
+        return x
+
+    def object_from_first(self, obj):
+        """Rank 0's picklable obj (a line of user input, say) on every rank."""
+        if not self.parallel:
+            return obj
+        held = [obj]
+        torch.distributed.broadcast_object_list(held, src=torch.distributed.get_global_rank(self._group(), 0),
+                                                group=self.group)
+        return held[0]
+
     def _group(self):
         return self.group or torch.distributed.group.WORLD
 
@@ -93,23 +110,22 @@ def _no_autograd(x: torch.Tensor) -> None:
 SINGLE = Shard()
 
 
-def shard_from_env(device: str | torch.device) -> Shard:
-    """Under torchrun (WORLD_SIZE > 1): joins the default process group (NCCL on CUDA, gloo on the CPU) and returns
-    this rank's Shard; SINGLE otherwise."""
+@contextlib.contextmanager
+def joined(device: str | torch.device) -> Iterator[Shard]:
+    """Under torchrun (WORLD_SIZE > 1): joins the default process group (NCCL on CUDA, gloo on the CPU) for the
+    block and yields this rank's Shard, then leaves it; yields SINGLE otherwise."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size == 1:
-        return SINGLE
+        yield SINGLE
+        return
     import torch.distributed as dist
 
     if not dist.is_initialized():
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
-    return Shard(dist.get_rank(), dist.get_world_size())
-
-
-def leave(shard: Shard) -> None:
-    """Ends what shard_from_env began (destroys the default process group it joined)."""
-    if shard.parallel and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
+    try:
+        yield Shard(dist.get_rank(), dist.get_world_size())
+    finally:
+        dist.destroy_process_group()
 
 
 def local_device(device: str | torch.device) -> torch.device:

@@ -34,6 +34,46 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     return float((actual.double() - expected.double()).norm() / expected.double().norm())
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_serving(proc, base: str, seconds: float) -> None:
+    """Waits until a `gptoss serve` process answers /health; fails with its stderr if it exits first."""
+    import time
+
+    import httpx
+
+    deadline = time.time() + seconds
+    while True:
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        try:
+            if httpx.get(base + "/health", timeout=1).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.time() < deadline, "gptoss serve did not come up"
+        time.sleep(0.2)
+
+
+def interrupt(proc, seconds: float) -> int:
+    """Ctrl-C for a server process: SIGINT, then its exit status (killed, and the test failed, if it hangs)."""
+    import signal
+    import subprocess
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        return proc.wait(seconds)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        raise
+
+
 def require_triton_device():
     """For kernel test modules: skips the module unless Triton runs on a CUDA GPU or in the interpreter; returns
     the triton module."""

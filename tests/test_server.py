@@ -11,7 +11,6 @@ import asyncio
 import collections
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +22,7 @@ import openai
 import pytest
 import uvicorn
 
+from conftest import free_port, interrupt, wait_until_serving
 from gptoss.errors import ContextLengthError
 from gptoss.server import create_app
 from gptoss.tokenizer import get_tokenizer
@@ -113,15 +113,9 @@ class ScriptedEngine:
 # --- a real server in a thread ------------------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class ServerThread:
     def __init__(self, app):
-        self.port = _free_port()
+        self.port = free_port()
         config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", lifespan="off")
         self.server = uvicorn.Server(config)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
@@ -823,25 +817,14 @@ def test_chat_cli_two_turns(tmp_path):
 
 
 def test_serve_cli_on_demo_checkpoint():
-    import signal
-
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [sys.executable, "-m", "gptoss.cli", "serve", "--port", str(port), "--api-key", "k", "--device", "cpu",
          "--context", "1024", "--max-batch-size", "4"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.time() + 90
-        while True:
-            assert proc.poll() is None, proc.communicate()[1]
-            try:
-                if httpx.get(base + "/health", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.time() < deadline, "gptoss serve did not come up"
-            time.sleep(0.2)
+        wait_until_serving(proc, base, 90)
         client = openai.OpenAI(base_url=base + "/v1", api_key="k", max_retries=0, timeout=60)
         (model,) = client.models.list().data
         assert model.id == "demo-tiny-v1"
@@ -850,10 +833,5 @@ def test_serve_cli_on_demo_checkpoint():
         with pytest.raises(openai.AuthenticationError):
             openai.OpenAI(base_url=base + "/v1", api_key="bad", max_retries=0).models.list()
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        interrupt(proc, 20)
     assert proc.returncode == 0, proc.stderr.read() if proc.stderr else ""

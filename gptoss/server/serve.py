@@ -32,19 +32,29 @@ def _listening_socket(host: str, port: int) -> socket.socket:
 
 
 def cmd_serve(args) -> int:
-    """`gptoss serve`: load the checkpoint, start the engine and serve the OpenAI-compatible API with uvicorn."""
+    """`gptoss serve`: load the checkpoint, start the engine and serve the OpenAI-compatible API with uvicorn. Under
+    torchrun rank 0 serves and schedules; the other ranks' engines follow its steps over their shards."""
     # Imported here: torch is slow to import and the server's request models do not need it.
-    from gptoss.cli import _checkpoint_or_demo, load_model_from_args
+    from gptoss.cli import _checkpoint_or_demo, _default_device, load_model_from_args
     from gptoss.engine import Engine
+    from gptoss.parallel import joined, local_device
 
-    sock = _listening_socket(args.host, args.port)
-    folder = _checkpoint_or_demo(args.checkpoint)
-    model, _ = load_model_from_args(args, folder)
-    engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
-    name = args.model_name or _served_model_name(folder)
+    with joined(local_device(args.device or _default_device())) as shard:
+        sock = _listening_socket(args.host, args.port) if shard.rank == 0 else None
+        folder = _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0)
+        model, _ = load_model_from_args(args, folder, shard=shard)
+        engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
+        engine.warm_up(progress=sys.stderr.isatty() and shard.rank == 0)
+        if sock is None:
+            engine.follow()
+            return 0
+        _serve(args, engine, sock, args.model_name or _served_model_name(folder))
+    return 0
+
+
+def _serve(args, engine, sock: socket.socket, name: str) -> None:
     api_key = args.api_key or os.environ.get("GPTOSS_API_KEY") or None
     app = create_app(engine, name, api_key=api_key)
-    engine.warm_up(progress=sys.stderr.isatty())
     engine.start()
     print(f"gptoss: serving {name!r} on http://{args.host}:{args.port}/v1"
           f"{' (API key required)' if api_key else ''}", file=sys.stderr)
@@ -56,4 +66,3 @@ def cmd_serve(args) -> int:
     finally:
         engine.stop()
         sock.close()
-    return 0
