@@ -1,6 +1,6 @@
 """Micro-benchmark of the Triton attention kernels (gptoss.kernels.attention_triton) on a CUDA GPU.
 
-    python scripts/bench_attention.py [--sweep] [--json out.json]
+    python scripts/bench_attention.py [--sweep] [--decode-only] [--json out.json]
 
 Prefill: one sequence of N tokens, Hq=64, Hkv=8, D=64, full causal and sliding window 128; TFLOP/s counts the
 visible (query, key) pairs only (4*D flops per pair per head). Decode: one query per sequence; GB/s counts the K
@@ -133,7 +133,7 @@ def bench_decode(sweep):
             best = None
             for bn in (64, 128):
                 for nw in (4, 8):
-                    for splits in (1, 8, 16, 32, 64, 128):
+                    for splits in (1, 2, 4, 8, 16, 32, 64, 128):
                         if splits > 1 and batch * HKV * splits > 8192:
                             continue
                         kw = dict(block_n=bn, num_warps=nw, num_splits=splits)
@@ -169,13 +169,16 @@ def bench_rms_norm():
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sweep", action="store_true", help="also sweep tile configs")
+    ap.add_argument("--decode-only", action="store_true", help="only the decode cases")
     ap.add_argument("--json")
     args = ap.parse_args()
     print(torch.cuda.get_device_name(), torch.__version__, triton.__version__, file=sys.stderr)
     torch.manual_seed(0)
-    bench_prefill(args.sweep)
+    if not args.decode_only:
+        bench_prefill(args.sweep)
     bench_decode(args.sweep)
-    bench_rms_norm()
+    if not args.decode_only:
+        bench_rms_norm()
     if args.json:
         with open(args.json, "w") as f:
             json.dump(dict(device=torch.cuda.get_device_name(), results=RESULTS), f, indent=1)

@@ -47,7 +47,12 @@ def test_builds_for_arch(arch):
 
     if not moe_mma.HAS_GLUON:
         pytest.skip("this Triton has no Gluon (moe_mma does not serve)")
+    import gptoss
+
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the child imports gptoss from where this process does (also from a checkout that is not installed)
+    root = os.path.dirname(os.path.dirname(gptoss.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
     done = subprocess.run([sys.executable, __file__, str(arch)], env=env, capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -19,6 +19,8 @@ from gptoss.kernels.moe_triton import (  # noqa: E402
     _fp4_unscaled,
     _scale_value,
     _swiglu,
+    GROUP_MAX_PAIRS,
+    group_pairs,
     moe_fast_available,
     moe_triton,
 )
@@ -207,6 +209,23 @@ def test_interpret_swiglu_rounds_as_torch():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("pairs, experts", [(1, 32), (3, 32), (64, 32), (256, 32), (GROUP_MAX_PAIRS, 32), (40, 128),
+                                            (GROUP_MAX_PAIRS + 1, 32)])
+def test_group_pairs_is_a_stable_sort(pairs, experts):
+    """The one-program grouping (and the torch.sort path above GROUP_MAX_PAIRS) equal a stable sort by expert;
+    skewed ids leave some experts without pairs."""
+    if not (GPU or INTERPRET):
+        pytest.skip("needs CUDA or the interpreter")
+    device = "cuda" if GPU else "cpu"
+    g = torch.Generator().manual_seed(pairs)
+    ids = (torch.randint(0, experts, (pairs,), generator=g) // torch.randint(1, 4, (pairs,), generator=g))
+    ids = ids.to(torch.int32).to(device)
+    order, seg_end = group_pairs(ids, experts)
+    expected = torch.sort(ids.cpu(), stable=True).indices.to(torch.int32)
+    assert torch.equal(order.cpu(), expected)
+    assert torch.equal(seg_end.cpu(), torch.bincount(ids.cpu().long(), minlength=experts).cumsum(0).to(torch.int32))
+
+
 gpu_only = pytest.mark.skipif(not GPU, reason="needs CUDA")
 
 

@@ -32,9 +32,9 @@ Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.mo
     GEMV at N=16 (305 vs 463 us) and the GEMM at N=64 (411 vs 462 us).
     A split-K form (one K chunk per program, partials reduced by the last program) was slower: 44 us of A + B
     at N=1 and 1.3-1.4x slower at N=4 / 8.
-  * prefill: pairs sorted by expert (torch.sort), grouped GEMM with tl.dot over (BM rows of one expert) x
-    (BN outputs) tiles. Each program finds its tile in-kernel from the per-expert row ends (scatter_add +
-    cumsum on the device), so BM is autotuned with BN / BK / warps / stages (key: shapes, E and M's
+  * prefill: pairs grouped by expert (`group_pairs`: one small kernel up to GROUP_MAX_PAIRS, else torch.sort),
+    grouped GEMM with tl.dot over (BM rows of one expert) x
+    (BN outputs) tiles. Each program finds its tile in-kernel from the per-expert row ends, so BM is autotuned with BN / BK / warps / stages (key: shapes, E and M's
     power-of-two bucket). Grid (column block, tile) with column blocks fastest: the programs in flight share the
     gathered activation tile through L2. Plain tl.dot (wgmma on Hopper, mma on Ampere) on tiles dequantized
     here; SWAP computes W @ x^T so the dequantized weight tile is the MMA's register operand (mlp1's pick).
@@ -311,6 +311,22 @@ if HAS_TRITON:
     # ------------------------------------------------------------------------------------------------------
     # Prefill: grouped GEMM. Grid (column blocks j, row tiles t): column blocks vary fastest, so the programs in
     # flight share the gathered activation tile (L2 hits). Tile t is found in-kernel from the per-expert row
+    @triton.jit
+    def _group_pairs_kernel(ids_ptr, order_ptr, seg_ptr, M, E, MP: tl.constexpr, EP: tl.constexpr):
+        """One program: pairs grouped by expert as a stable sort orders them: order (M,) sorted row -> pair,
+        seg (E,) end sorted row of each expert. Pair i goes to its expert's start + the number of earlier pairs
+        of that expert: counted on a (MP, EP) one-hot in registers, so only for few pairs (GROUP_MAX_PAIRS)."""
+        i = tl.arange(0, MP)
+        ex = tl.arange(0, EP)
+        e = tl.load(ids_ptr + i, mask=i < M, other=EP)  # padding matches no expert
+        onehot = (e[:, None] == ex[None, :]).to(tl.int32)  # (MP, EP)
+        counts = tl.sum(onehot, 0)
+        ends = tl.cumsum(counts, 0)
+        earlier = tl.cumsum(onehot, 0) - onehot  # (MP, EP) pairs of each expert before pair i
+        row = tl.sum(onehot * (ends - counts + earlier), 1)  # (MP,) pair i's sorted row
+        tl.store(order_ptr + row, i, mask=i < M)
+        tl.store(seg_ptr + ex, ends, mask=ex < E)
+
     # ends of the sorted pairs (seg_ptr), for the kernel's own BM, so BM is autotuned with the rest.
     # ------------------------------------------------------------------------------------------------------
     @triton.jit
@@ -712,12 +728,7 @@ def moe_triton(
     elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
-    flat_e = expert_ids.reshape(-1)
-    _, order = torch.sort(flat_e.to(torch.int32), stable=True)  # (M,): pairs grouped by expert
-    order = order.to(torch.int32)  # sorted row -> pair
-    counts = torch.zeros(E, dtype=torch.int32, device=dev)
-    counts.scatter_add_(0, flat_e.long(), torch.ones_like(flat_e, dtype=torch.int32))  # bincount would sync
-    seg_end = torch.cumsum(counts, 0, dtype=torch.int32)  # (E,) end sorted row of each expert
+    order, seg_end = group_pairs(expert_ids.reshape(-1), E)
     if path == "gemm_mma":
         from gptoss.kernels.moe_mma import mlp_mma_gemm
 
@@ -746,6 +757,30 @@ def moe_triton(
         act, order, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
         H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
     return _combine(y, weights, residual, x.dtype)
+
+
+# Pairs up to which one program groups them (_group_pairs_kernel; 256 tokens of 4 pairs); more go through torch.sort.
+# A 64-token decode step's grouping took ~28 us of small kernels a layer on H100 with torch.sort (radix sort
+# 18 us, scatter_add, two cumsum scans, dtype casts): 7% of the step.
+GROUP_MAX_PAIRS = 1024
+
+
+def group_pairs(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """flat_ids (M,) expert of each (token, expert) pair -> (order (M,) int32 sorted row -> pair, seg_end (E,)
+    int32 end sorted row of each expert): the pairs grouped by expert, in pair order within an expert (a stable
+    sort). No host synchronization."""
+    m = flat_ids.numel()
+    if m <= GROUP_MAX_PAIRS:
+        order = torch.empty(m, dtype=torch.int32, device=flat_ids.device)
+        seg_end = torch.empty(num_experts, dtype=torch.int32, device=flat_ids.device)
+        mp = _next_pow2(m)
+        _group_pairs_kernel[(1,)](flat_ids.contiguous(), order, seg_end, m, num_experts, MP=mp,
+                                  EP=_next_pow2(num_experts), num_warps=4 if mp <= 256 else 8)
+        return order, seg_end
+    _, order = torch.sort(flat_ids.to(torch.int32), stable=True)
+    counts = torch.zeros(num_experts, dtype=torch.int32, device=flat_ids.device)
+    counts.scatter_add_(0, flat_ids.long(), torch.ones_like(flat_ids, dtype=torch.int32))  # bincount would sync
+    return order.to(torch.int32), torch.cumsum(counts, 0, dtype=torch.int32)
 
 
 def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None, dtype) -> torch.Tensor:
