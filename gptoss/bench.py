@@ -42,7 +42,7 @@ def random_model(name: str, device: str, dtype: torch.dtype = torch.bfloat16) ->
         model = Transformer(preset(name), dtype=dtype)
     model.to_empty(device=device)
     fill_random(model, seed=0)
-    return model.eval()
+    return model.eval().requires_grad_(False)
 
 
 def decisive_routers(model):

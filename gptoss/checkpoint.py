@@ -203,7 +203,7 @@ def load_model(
                         bar.update(tensor.numel() * tensor.element_size())
     bar.close()
     model.rope.reset_buffers()
-    model.eval()
+    model.eval().requires_grad_(False)  # for inference; fine-tuning unfreezes what it trains
     log.info("loaded %s (%s layout, %s experts) in %.1f s", info.folder, info.layout, info.experts,
              time.perf_counter() - started)
     return model

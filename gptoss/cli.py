@@ -39,6 +39,10 @@ def load_model_from_args(args, folder: str | None = None, shard=None):
     started = time.perf_counter()
     model = load_model(folder or _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0), device=device,
                        dequantize=args.dequantize, progress=None if shard.rank == 0 else False, shard=shard)
+    if args.adapter:
+        from gptoss.lora import load_adapter
+
+        load_adapter(model, args.adapter)
     if shard.rank == 0:
         parts = f" (rank 0 of {shard.world_size})" if shard.parallel else ""
         print(f"gptoss: loaded in {time.perf_counter() - started:.1f} s on {device}{parts}", file=sys.stderr)
@@ -51,6 +55,7 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--context", type=int, default=None, help="KV cache context length (default 8192)")
     parser.add_argument("--dequantize", action="store_true", help="store MXFP4 experts as dense bf16 at load")
+    parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (gptoss finetune) merged at load")
 
 
 def cmd_generate(args) -> int:
@@ -122,6 +127,15 @@ def _int_list(text: str) -> list[int]:
         return [int(part) for part in text.split(",") if part]
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _targets(text: str) -> tuple[str, ...]:
+    from gptoss.lora import TARGETS
+
+    targets = tuple(t.strip() for t in text.split(",") if t.strip())
+    if not targets or not set(targets) <= set(TARGETS):
+        raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {', '.join(TARGETS)}, got {text!r}")
+    return targets
 
 
 def _port(text: str) -> int:
@@ -211,6 +225,26 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint "
                        "folder's name)")
     serve.set_defaults(func=_lazy("gptoss.server", "cmd_serve"))
+
+    tune = commands.add_parser("finetune", help="fine-tune LoRA adapters on chat examples (JSON Lines)",
+                               description="Fine-tune low-rank adapters on the attention projections and every "
+                               "expert, on harmony-rendered chats: each JSONL line {\"messages\": [...], "
+                               "\"tools\": [...], \"reasoning_effort\": ...} trains its trailing assistant turn. "
+                               "Use the adapter with --adapter (expert adapters need --dequantize).")
+    tune.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the built-in demo checkpoint)")
+    tune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    tune.add_argument("--data", required=True, help="training examples, JSON Lines")
+    tune.add_argument("--out", required=True, help="adapter folder to write")
+    tune.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
+    tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: updates are scaled by alpha / rank")
+    tune.add_argument("--targets", type=_targets, default=("attention", "experts"),
+                      help="comma-separated: attention, experts (default both)")
+    tune.add_argument("--epochs", type=int, default=1)
+    tune.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate (default 2e-4)")
+    tune.add_argument("--batch-size", type=int, default=1, help="examples per optimizer step (default 1)")
+    tune.add_argument("--max-length", type=int, default=4096, help="longest example in tokens (default 4096)")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.set_defaults(func=_lazy("gptoss.finetune", "cmd_finetune"), context=None, dequantize=False, adapter=None)
     return parser
 
 

@@ -62,7 +62,7 @@ from tqdm import tqdm
 
 from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
-from gptoss.kernels import use_triton
+from gptoss.kernels import triton_device
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
 from gptoss.sampling import request_seed, sample
 
@@ -178,7 +178,7 @@ class Engine:
         self.graphed_decode = None
         self.launch_ahead = model.device.type == "cuda" if launch_ahead is None else launch_ahead
         self.shard = model.shard
-        if use_triton(model.embedding.weight) and not self.shard.parallel:
+        if triton_device(model.embedding.weight) and not self.shard.parallel:
             from gptoss.cuda_cache import TritonPagedKVCache
             from gptoss.cuda_graph import GraphedBatchDecode
 

@@ -7,7 +7,7 @@ import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
-from gptoss.kernels import use_triton
+from gptoss.kernels import triton_device
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
 from gptoss.sampling import request_seed, sample
@@ -41,7 +41,7 @@ class TokenGenerator:
         self.graphed_decode = None
         # GPU: Triton attention over the cache, decode in a CUDA graph. A tensor/expert-parallel shard steps
         # eagerly over the reference cache: its collectives are not captured in graphs.
-        if use_triton(model.embedding.weight) and not model.shard.parallel:
+        if triton_device(model.embedding.weight) and not model.shard.parallel:
             from gptoss.cuda_cache import TritonKVCache
             from gptoss.cuda_graph import GraphedDecodeStep
 

@@ -134,10 +134,12 @@ def _reasoning(msg: dict, where: str) -> str:
 
 def build_conversation(messages: Sequence[Any], *, tools: Sequence[Any] | None = None,
                        reasoning_effort: str | ReasoningEffort | None = "medium",
-                       system_prompt: str | None = None) -> Conversation:
+                       system_prompt: str | None = None, keep_last_turn_analysis: bool = False) -> Conversation:
     """Convert OpenAI-style chat messages (and function tools) into a harmony Conversation.
 
     system_prompt: extra developer instructions placed before those of the messages' system/developer entries.
+    keep_last_turn_analysis: the trailing assistant messages (the turn a fine-tuning example trains) keep their
+    analysis; the history rule applies to the messages before them.
     """
     if not isinstance(messages, (list, tuple)):
         raise GptOssError(f"messages: expected a list, got {type(messages).__name__}")
@@ -153,7 +155,10 @@ def build_conversation(messages: Sequence[Any], *, tools: Sequence[Any] | None =
 
     # Analysis survives only after the last final answer (an unfinished tool-call chain).
     last_final = -1
-    for i, msg in enumerate(messages):
+    ruled = len(messages)
+    while keep_last_turn_analysis and ruled > 0 and messages[ruled - 1]["role"] == "assistant":
+        ruled -= 1
+    for i, msg in enumerate(messages[:ruled]):
         if msg["role"] == "assistant" and not msg.get("tool_calls") and _text(
                 msg.get("content"), f"messages[{i}].content", optional=True):
             last_final = i
@@ -213,11 +218,22 @@ def render_prompt(conversation: Conversation) -> list[int]:
 
     Analysis is not dropped again here: build_conversation already applied the history rule.
     """
+    return _render(lambda enc: enc.render_conversation_for_completion(
+        conversation, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)))
+
+
+def render_for_training(conversation: Conversation) -> list[int]:
+    """Token ids of a whole conversation whose last message is the assistant's (a fine-tuning example): as
+    harmony renders it for training, the last message ending in `<|return|>` (or `<|call|>` for a tool call)."""
+    return _render(lambda enc: enc.render_conversation_for_training(
+        conversation, RenderConversationConfig(auto_drop_analysis=False)))
+
+
+def _render(render) -> list[int]:
     from gptoss.tokenizer import get_harmony_encoding
 
     try:
-        return list(get_harmony_encoding().render_conversation_for_completion(
-            conversation, Role.ASSISTANT, RenderConversationConfig(auto_drop_analysis=False)))
+        return list(render(get_harmony_encoding()))
     except HarmonyError as e:
         msg = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise GptOssError(f"messages: cannot render the conversation: {msg}") from e

@@ -42,7 +42,7 @@ class RMSNorm(nn.Module):
         self.scale = nn.Parameter(torch.ones(dim, dtype=torch.float32, device=device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if use_triton(x):
+        if use_triton(x, self.scale):
             from gptoss.kernels.norm_triton import rms_norm
 
             return rms_norm(x, self.scale, RMS_NORM_EPS)
@@ -54,12 +54,12 @@ class RMSNorm(nn.Module):
 def linear(layer: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
     """layer(norm(x)), or layer(x) without a norm. A few tokens on the GPU take the Triton GEMV, which reads the
     weight once in one launch and applies the norm itself."""
-    if use_triton(x):
+    weight, norm_scale = layer.weight, None if norm is None else norm.scale
+    if use_triton(x, weight, *[t for t in (layer.bias, norm_scale) if t is not None]):
         from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv
 
-        if x.shape[0] <= GEMV_MAX_TOKENS and layer.weight.is_contiguous():
-            return gemv(x, layer.weight, layer.bias, norm_scale=None if norm is None else norm.scale,
-                        eps=RMS_NORM_EPS)
+        if x.shape[0] <= GEMV_MAX_TOKENS and weight.is_contiguous():
+            return gemv(x, weight, layer.bias, norm_scale=norm_scale, eps=RMS_NORM_EPS)
     return layer(x if norm is None else norm(x))
 
 
@@ -133,7 +133,7 @@ class AttentionBlock(nn.Module):
         qkv = linear(self.qkv, x, self.norm)  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
-        if use_triton(qkv):  # one kernel rotates q and k, and in a GPU decode step also stores k and v
+        if use_triton(qkv, self.sinks):  # one kernel rotates q and k, and in a GPU decode step also stores k and v
             from gptoss.kernels.attention_triton import rope_and_cache_write
 
             write_target = getattr(cache, "decode_write_target", None)  # optional part of the cache protocol
@@ -180,7 +180,8 @@ class MLPBlock(nn.Module):
     def forward(self, x, update):
         """x: the block's input; update: the attention's output. Returns h + MoE(norm(h)) with h = x + update:
         taking the attention's residual add here lets the GPU path fuse it into the norm."""
-        if isinstance(self.mlp1_weight, MXFP4Experts) and use_triton(x) and not self.shard.parallel:
+        if (isinstance(self.mlp1_weight, MXFP4Experts) and not self.shard.parallel
+                and use_triton(x, update, self.norm.scale, self.gate.weight, self.mlp1_bias, self.mlp2_bias)):
             return self._forward_gpu(x, update)
         h = x + update
         t = self.norm(h)

@@ -47,7 +47,7 @@ def hf_names_and_view(name: str):
 def test_float32_gradients_match_transformers(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt", SMALL, "hf", "dense", seed=1)
     tokens = torch.randint(0, SMALL.vocab_size, (80,), generator=torch.Generator().manual_seed(0))  # 5 windows
-    ours = Transformer.from_checkpoint(folder, dtype=torch.float32)
+    ours = Transformer.from_checkpoint(folder, dtype=torch.float32).requires_grad_(True)  # loaded frozen
     theirs = transformers.GptOssForCausalLM.from_pretrained(folder, dtype=torch.float32,
                                                             attn_implementation="eager")
     loss = torch.nn.functional.cross_entropy(ours(tokens)[:-1], tokens[1:])

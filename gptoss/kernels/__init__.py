@@ -29,6 +29,13 @@ def _triton_importable() -> bool:
     return True
 
 
-def use_triton(x: torch.Tensor) -> bool:
-    """Whether the Triton kernels serve this tensor: on CUDA, with triton installed, unless references are forced."""
+def triton_device(x: torch.Tensor) -> bool:
+    """Whether the Triton kernels can serve on x's device: CUDA, triton installed, references not forced."""
     return x.is_cuda and not use_reference() and _triton_importable()
+
+
+def use_triton(x: torch.Tensor, *params: torch.Tensor) -> bool:
+    """Whether an op on x (with these parameters) runs as a Triton kernel: on a Triton device, and not while
+    autograd records x or a parameter (the kernels have no backward: training runs the pure path)."""
+    recorded = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *params))
+    return triton_device(x) and not recorded

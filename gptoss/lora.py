@@ -1,0 +1,203 @@
+"""LoRA adapters: low-rank updates W + (alpha / r) B A on the attention projections and on every expert's two
+matrices, the base weights frozen.
+
+- Attention (qkv, out): a torch parametrization of the nn.Linear's weight, so every code path that reads
+  `module.weight` sees the adapted matrix.
+- Experts: a store wrapper (LoRAExperts) around the MXFP4 or dense store; its `expert(e, dtype)` is the base
+  expert (dequantized one at a time, as the pure MoE takes them) plus that expert's own B_e A_e. The packed
+  weights stay packed; each expert has its own pair of low-rank factors (E of them per matrix).
+B starts at zero, so a fresh adapter leaves the model's function unchanged; A starts as nn.Linear initializes its
+weight (Kaiming uniform). Training runs the pure path (Triton kernels serve only tensors that need no gradient).
+
+An adapter is a folder: adapter.safetensors (lora_a / lora_b tensors under the model's module names) and
+adapter_config.json (rank, alpha, targets and the model shape it was trained for). `load_adapter` merges it into a
+model for inference: into the attention weights, and into dense experts (a model loaded with dequantize=True); the
+MXFP4 experts cannot take a dense update and keep their packed form, so an adapter with expert factors needs them
+dequantized.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from gptoss.errors import GptOssError
+from gptoss.experts import DenseExperts
+
+TARGETS = ("attention", "experts")
+_WEIGHTS, _CONFIG = "adapter.safetensors", "adapter_config.json"
+
+
+def _factors(num: int | None, out_features: int, in_features: int, rank: int, device) -> tuple[nn.Parameter, ...]:
+    """(A (.., r, in), B (.., out, r)) float32, B zero; num: a leading expert dimension."""
+    lead = () if num is None else (num,)
+    a = torch.empty(*lead, rank, in_features, device=device)
+    for piece in a.view(-1, rank, in_features):
+        nn.init.kaiming_uniform_(piece, a=math.sqrt(5))
+    return nn.Parameter(a), nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
+
+
+class LoRADelta(nn.Module):
+    """Parametrization of a Linear's weight: W -> W + scale * B A (computed in float32, added in W's dtype)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device=None):
+        super().__init__()
+        self.scale = alpha / rank
+        self.lora_a, self.lora_b = _factors(None, out_features, in_features, rank, device)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + (self.scale * (self.lora_b @ self.lora_a)).to(weight.dtype)
+
+
+class LoRAExperts(nn.Module):
+    """An expert store (gptoss.experts) with a low-rank update per expert: expert(e) = base(e) + scale B_e A_e."""
+
+    def __init__(self, base: nn.Module, num_experts: int, out_features: int, in_features: int, rank: int,
+                 alpha: float, device=None):
+        super().__init__()
+        self.base = base
+        self.scale = alpha / rank
+        self.lora_a, self.lora_b = _factors(num_experts, out_features, in_features, rank, device)
+
+    def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
+        return self.base.expert(e, dtype) + (self.scale * (self.lora_b[e] @ self.lora_a[e])).to(dtype)
+
+
+def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list[nn.Parameter]:
+    """Freezes the model and adds fresh adapters on `targets` ("attention": qkv and out of every layer; "experts":
+    mlp1 and mlp2 of every expert); returns the trainable parameters (the factors)."""
+    _check_targets(targets)
+    if rank < 1:
+        raise GptOssError(f"LoRA rank must be at least 1, got {rank}")
+    if model.shard.parallel:
+        raise GptOssError("LoRA fine-tuning runs in one process (world size 1)")
+    model.requires_grad_(False)
+    config, device = model.config, model.device
+    for block in model.block:
+        if "attention" in targets:
+            for linear in (block.attn.qkv, block.attn.out):
+                out_f, in_f = linear.weight.shape
+                parametrize.register_parametrization(linear, "weight", LoRADelta(out_f, in_f, rank, alpha, device))
+        if "experts" in targets:
+            mlp, e, h, i = block.mlp, config.num_experts, config.hidden_size, config.intermediate_size
+            mlp.mlp1_weight = LoRAExperts(mlp.mlp1_weight, e, 2 * i, h, rank, alpha, device)
+            mlp.mlp2_weight = LoRAExperts(mlp.mlp2_weight, e, h, i, rank, alpha, device)
+    model._lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    return [p for name, p in model.named_parameters() if "lora_" in name]
+
+
+def adapter_state(model) -> dict[str, torch.Tensor]:
+    """The adapter's factors by the names save_adapter writes (the parametrizations' bookkeeping names dropped)."""
+    return {_public_name(name): p.detach() for name, p in model.named_parameters() if "lora_" in name}
+
+
+def _public_name(name: str) -> str:
+    # "block.0.attn.qkv.parametrizations.weight.0.lora_a" -> "block.0.attn.qkv.lora_a"
+    return name.replace(".parametrizations.weight.0", "")
+
+
+def save_adapter(model, folder: str | os.PathLike) -> Path:
+    """Writes the model's adapter (add_lora) into folder, each file complete or not there (written, then renamed)."""
+    from safetensors.torch import save_file
+
+    if not hasattr(model, "_lora"):
+        raise GptOssError("the model has no LoRA adapter (add_lora)")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    config = {**model._lora, "model": _shape(model.config)}
+    tensors = {name: t.float().contiguous().cpu() for name, t in adapter_state(model).items()}
+    for name, write in ((_WEIGHTS, lambda path: save_file(tensors, str(path))),
+                        (_CONFIG, lambda path: path.write_text(json.dumps(config, indent=1) + "\n"))):
+        partial = folder / (name + ".partial")
+        write(partial)
+        os.replace(partial, folder / name)
+    return folder
+
+
+def load_adapter(model, folder: str | os.PathLike) -> dict:
+    """Merges a saved adapter into the model's weights (see the module docstring); returns its config."""
+    from safetensors import safe_open
+
+    if model.shard.parallel:
+        raise GptOssError("adapters are merged in one process (world size 1)")
+    folder = Path(folder)
+    config_path, weights_path = folder / _CONFIG, folder / _WEIGHTS
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise GptOssError(f"{path}: no such file (an adapter folder holds {_CONFIG} and {_WEIGHTS})")
+    try:
+        config = json.loads(config_path.read_text())
+        rank, alpha, targets = int(config["rank"]), float(config["alpha"]), config["targets"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise GptOssError(f"{config_path}: not an adapter config ({type(e).__name__}: {e})") from None
+    _check_targets(targets, where=str(config_path))
+    if config.get("model") != _shape(model.config):
+        raise GptOssError(f"{config_path}: the adapter was trained for {config.get('model')}, the model is "
+                          f"{_shape(model.config)}")
+    with safe_open(str(weights_path), "pt") as f:
+        pairs = _pairs({name: f.get_tensor(name) for name in f.keys()}, weights_path)
+    targets = {name: _target(model, name, a, b, weights_path) for name, (a, b) in pairs.items()}  # all checked
+    with torch.no_grad():  # before any weight changes
+        for name, (a, b) in pairs.items():
+            _merge(targets[name], a, b, alpha / rank)
+    return config
+
+
+def _pairs(factors: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """{"block.0.attn.qkv": (A, B), ...} from the file's tensors; a lone factor is an error."""
+    pairs = {}
+    for name in factors:
+        module, _, kind = name.rpartition(".")
+        if kind not in ("lora_a", "lora_b") or module + (".lora_b" if kind == "lora_a" else ".lora_a") not in factors:
+            raise GptOssError(f"{path}: tensor {name!r} is not half of a lora_a / lora_b pair")
+        pairs[module] = (factors[module + ".lora_a"], factors[module + ".lora_b"])
+    return pairs
+
+
+def _target(model, module_name: str, a: torch.Tensor, b: torch.Tensor, path) -> nn.Module:
+    """The Linear or DenseExperts that factors (A, B) update, their shapes checked."""
+    try:
+        target = model.get_submodule(module_name)
+    except AttributeError:
+        raise GptOssError(f"{path}: the model has no module {module_name!r} for its factors") from None
+    if isinstance(target, nn.Linear):
+        out_f, in_f = target.weight.shape
+        expected = (out_f, a.shape[0]), (a.shape[0], in_f)
+    elif isinstance(target, DenseExperts):
+        e, out_f, in_f = target.weight.shape
+        expected = (e, out_f, a.shape[1]), (e, a.shape[1], in_f)
+    else:
+        raise GptOssError(f"{path}: {module_name} holds MXFP4 experts, which cannot take a merged update: load the "
+                          "model with dequantize=True (--dequantize)")
+    if (tuple(b.shape), tuple(a.shape)) != expected:
+        raise GptOssError(f"{path}: {module_name} factors have shapes B {tuple(b.shape)}, A {tuple(a.shape)}; the "
+                          f"model needs B {expected[0]}, A {expected[1]}")
+    return target
+
+
+def _merge(target: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
+    """weight += scale * B A, with the float32 product and the rounding of the training forward."""
+    weight = target.weight
+    a, b = a.float().to(weight.device), b.float().to(weight.device)
+    if isinstance(target, nn.Linear):
+        weight.copy_(weight + (scale * (b @ a)).to(weight.dtype))
+    else:
+        for e in range(weight.shape[0]):
+            weight[e].copy_(weight[e] + (scale * (b[e] @ a[e])).to(weight.dtype))
+
+
+def _shape(config) -> dict:
+    return {"hidden_size": config.hidden_size, "num_hidden_layers": config.num_hidden_layers,
+            "num_experts": config.num_experts, "intermediate_size": config.intermediate_size,
+            "num_attention_heads": config.num_attention_heads, "num_key_value_heads": config.num_key_value_heads}
+
+
+def _check_targets(targets, where: str = "targets") -> None:
+    if not targets or not all(t in TARGETS for t in targets):
+        raise GptOssError(f"{where}: LoRA targets must be among {', '.join(TARGETS)}, got {targets!r}")
