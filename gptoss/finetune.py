@@ -9,7 +9,8 @@ the file, the line and the field, before any training.
 
 Training: adapters on the attention projections and every expert (gptoss.lora), AdamW on the factors, one
 sequence a forward (the model's flat-token forward), gradients summed over --batch-size examples and divided by
-their target tokens, gradient norm clipped; examples shuffled each epoch by --seed. The pure PyTorch path runs
+their target tokens, gradient norm clipped; examples shuffled each epoch by --seed; each block recomputed in the
+backward pass (gradient checkpointing), so memory holds one block's activations at a time. The pure PyTorch path runs
 (autograd differentiates it: sink attention, sliding windows, the MoE over packed experts). A progress bar shows
 the loss; the adapter is written at the end (gptoss.lora.save_adapter).
 """
@@ -93,8 +94,11 @@ def example_loss(model, example: Example) -> tuple[torch.Tensor, int]:
 
 
 def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, epochs: int = 1, lr: float = 2e-4,
-          batch_size: int = 1, max_grad_norm: float = 1.0, seed: int = 0, progress: bool | None = None) -> list[float]:
-    """Fine-tunes params (the adapter's factors) on the examples; returns each optimizer step's mean token loss."""
+          batch_size: int = 1, max_grad_norm: float = 1.0, seed: int = 0, progress: bool | None = None,
+          gradient_checkpointing: bool = True) -> list[float]:
+    """Fine-tunes params (the adapter's factors) on the examples; returns each optimizer step's mean token loss.
+    gradient_checkpointing: recompute each block in the backward pass (the same gradients, one block's
+    activations in memory at a time)."""
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = random.Random(seed)
     steps = epochs * math.ceil(len(examples) / batch_size)
@@ -102,6 +106,7 @@ def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, e
                                                                          else progress))
     losses = []
     model.train()
+    model.gradient_checkpointing = gradient_checkpointing
     try:
         for _ in range(epochs):
             shuffled = examples[:]
@@ -123,6 +128,7 @@ def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, e
     finally:
         bar.close()
         model.eval()
+        model.gradient_checkpointing = False
     return losses
 
 

@@ -24,6 +24,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from gptoss.config import RMS_NORM_EPS, ModelConfig
@@ -60,7 +61,7 @@ def linear(layer: nn.Linear, x: torch.Tensor, norm: RMSNorm | None = None) -> to
 
         if x.shape[0] <= GEMV_MAX_TOKENS and weight.is_contiguous():
             return gemv(x, weight, layer.bias, norm_scale=norm_scale, eps=RMS_NORM_EPS)
-    return layer(x if norm is None else norm(x))
+    return F.linear(x if norm is None else norm(x), weight, layer.bias)  # the weight read once (a LoRA adds to it)
 
 
 def yarn_inv_freq(config: ModelConfig) -> tuple[torch.Tensor, float]:
@@ -235,6 +236,9 @@ class Transformer(nn.Module):
         self.norm = RMSNorm(config.hidden_size, device=device)
         self.unembedding = nn.Linear(config.hidden_size, vocab, bias=False, device=device, dtype=dtype)
         self.rope = RotaryEmbedding(config, device=device)
+        # recompute each block in the backward pass instead of keeping its activations (attention scores are
+        # (heads, N, N) a layer in the pure path): training memory of one block at a time
+        self.gradient_checkpointing = False
 
     @property
     def local_config(self) -> ModelConfig:
@@ -266,8 +270,12 @@ class Transformer(nn.Module):
             positions = torch.arange(tokens.shape[0], device=tokens.device)
         cos, sin = self.rope(positions)
         x = self._embed(tokens)
+        recompute = self.gradient_checkpointing and torch.is_grad_enabled()
         for block in self.block:
-            x = block(x, positions, cos, sin, cache)
+            if recompute:
+                x = torch.utils.checkpoint.checkpoint(block, x, positions, cos, sin, cache, use_reentrant=False)
+            else:
+                x = block(x, positions, cos, sin, cache)
         if logits_rows is not None:
             x = x[logits_rows]
         return self.shard.cat_last(linear(self.unembedding, x, self.norm))

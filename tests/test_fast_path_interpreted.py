@@ -28,7 +28,7 @@ def test_triton_path_equals_pure_path(monkeypatch):
     assert SMALL.sliding_window < prefill
     with torch.inference_mode():
         pure = model(tokens)
-        monkeypatch.setattr(gptoss.model, "use_triton", lambda x: True)
+        monkeypatch.setattr(gptoss.model, "use_triton", lambda *tensors: True)
         cache = TritonKVCache(TWO_LAYERS, context_length=len(tokens), dtype=torch.float32)
         rows = [model(tokens[:prefill], cache.reserve(prefill), cache)]
         rows += [model(tokens[i : i + 1], cache.reserve(1), cache) for i in range(prefill, len(tokens))]
@@ -48,7 +48,7 @@ def test_paged_cache_path_equals_pure_path(monkeypatch):
     tables = [[0, 1, 2], [3, 4, 5, 6, 7, 8, 9]]
     with torch.inference_mode():
         pure = [model(s) for s in sequences]
-        monkeypatch.setattr(gptoss.model, "use_triton", lambda x: True)
+        monkeypatch.setattr(gptoss.model, "use_triton", lambda *tensors: True)
         cache = TritonPagedKVCache(TWO_LAYERS, num_blocks=12, block_size=block_size, dtype=torch.float32)
         positions = cache.prepare([(t, 0, n) for t, n in zip(tables, prompt_lengths)])
         tokens = torch.cat([s[:n] for s, n in zip(sequences, prompt_lengths)])

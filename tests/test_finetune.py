@@ -54,6 +54,24 @@ def test_only_the_factors_learn():
     assert len(params) == sum(1 for name, _ in model.named_parameters() if "lora_" in name)
 
 
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for recompute in (False, True):
+        model = random_model()
+        torch.manual_seed(0)  # the same A factors
+        add_lora(model, rank=4)
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if name.endswith("lora_b"):
+                    p.normal_(generator=torch.Generator().manual_seed(len(name)))  # A's gradients nonzero too
+        model.gradient_checkpointing = recompute
+        torch.nn.functional.cross_entropy(model(TOKENS)[:-1], TOKENS[1:]).backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 0
+    for name in grads[0]:
+        assert torch.equal(grads[0][name], grads[1][name]), name
+
+
 def test_training_lowers_the_loss_and_the_merged_adapter_computes_the_same(tmp_path):
     folder = write_checkpoint(tmp_path / "ckpt", TINY, "original", seed=2)
     model = load_model(folder, dtype=torch.float32)
