@@ -44,7 +44,8 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   and samples; before each forward it sends the step (tokens, block tables, positions) to the other ranks, whose
   engines run `follow()`: the same forward over their shard and their own paged cache (same blocks, their KV
   heads), until rank 0's engine stops. Sharded models step eagerly through PagedKVCache (no Triton cache or
-  graphs yet).
+  graphs yet). A step that raises on one rank only (out of memory, say) leaves the others waiting in its
+  collectives: the server must be restarted then.
 """
 
 from __future__ import annotations
