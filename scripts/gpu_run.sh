@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check run on the device machine: GPU tests, then the benchmarks recorded in the README.
-# Usage: bash scripts/gpu_run.sh [tests|kernel-tests|moe-bench|profile|profile-engine|bench20|bench120|serve|archs]...   (logs under $OUT, default ./out)
+# Usage: bash scripts/gpu_run.sh [tests|kernel-tests|moe-bench|profile|profile-engine|bench20|bench120|serve|finetune|archs]...   (logs under $OUT, default ./out)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -19,6 +19,7 @@ for step in "$@"; do
     bench120) python3 -m gptoss.cli bench --preset gpt-oss-120b --json "$OUT/bench120.json" \
              2>&1 | tee "$OUT/bench120.log" ;;
     serve) python3 -m gptoss.cli bench --preset gpt-oss-20b --serve 64 2>&1 | tee "$OUT/serve.log" ;;
+    finetune) python3 scripts/finetune_speed.py 2>&1 | tee "$OUT/finetune.log" | tail -n 5 ;;
     archs) python3 scripts/compile_for_arch.py --arch 80 86 89 2>&1 | tee "$OUT/archs.log" | tail -n 5 ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
