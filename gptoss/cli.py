@@ -234,6 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("checkpoint", nargs="?", help="checkpoint folder (default: the built-in demo checkpoint)")
     tune.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     tune.add_argument("--data", required=True, help="training examples, JSON Lines")
+    tune.add_argument("--eval-data", default=None, help="held-out examples (JSON Lines): loss before and after")
     tune.add_argument("--out", required=True, help="adapter folder to write")
     tune.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
     tune.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha: updates are scaled by alpha / rank")

@@ -12,7 +12,8 @@ sequence a forward (the model's flat-token forward), gradients summed over --bat
 their target tokens, gradient norm clipped; examples shuffled each epoch by --seed; each block recomputed in the
 backward pass (gradient checkpointing), so memory holds one block's activations at a time. The pure PyTorch path runs
 (autograd differentiates it: sink attention, sliding windows, the MoE over packed experts). A progress bar shows
-the loss; the adapter is written at the end (gptoss.lora.save_adapter).
+the loss; the adapter is written at the end (gptoss.lora.save_adapter). --eval-data: held-out examples whose mean
+token loss is reported before and after training.
 """
 
 from __future__ import annotations
@@ -93,6 +94,16 @@ def example_loss(model, example: Example) -> tuple[torch.Tensor, int]:
     return F.cross_entropy(logits.float(), tokens[rows + 1], reduction="sum"), len(rows)
 
 
+@torch.no_grad()
+def evaluate(model, examples: list[Example]) -> float:
+    """Mean cross-entropy per target token over the examples."""
+    total, count = 0.0, 0
+    for ex in examples:
+        loss, n = example_loss(model, ex)
+        total, count = total + loss.item(), count + n
+    return total / count
+
+
 def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, epochs: int = 1, lr: float = 2e-4,
           batch_size: int = 1, max_grad_norm: float = 1.0, seed: int = 0, progress: bool | None = None,
           gradient_checkpointing: bool = True) -> list[float]:
@@ -137,15 +148,20 @@ def cmd_finetune(args) -> int:
     from gptoss.lora import add_lora, save_adapter
 
     examples = load_examples(args.data, args.max_length)  # bad data stops the run before the model loads
+    held_out = load_examples(args.eval_data, args.max_length) if args.eval_data else []
     torch.manual_seed(args.seed)
     model, _ = load_model_from_args(args)
     params = add_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets)
+    eval_before = evaluate(model, held_out) if held_out else None
     started = time.perf_counter()
     losses = train(model, params, examples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
                    seed=args.seed)
+    seconds = time.perf_counter() - started
     folder = save_adapter(model, args.out)
     count = sum(p.numel() for p in params)
-    print(f"gptoss: {len(losses)} steps over {len(examples)} examples in {time.perf_counter() - started:.1f} s, "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}; adapter ({count:,} parameters) written to {folder}",
+    held = (f"; held-out loss {eval_before:.4f} -> {evaluate(model, held_out):.4f} over {len(held_out)} examples"
+            if held_out else "")
+    print(f"gptoss: {len(losses)} steps over {len(examples)} examples in {seconds:.1f} s, "
+          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}{held}; adapter ({count:,} parameters) written to {folder}",
           file=sys.stderr)
     return 0

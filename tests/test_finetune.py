@@ -127,11 +127,12 @@ def test_finetune_command_writes_an_adapter_that_generate_loads(tmp_path):
         return subprocess.run([sys.executable, "-m", "gptoss", *args], capture_output=True, text=True, env=env,
                               timeout=300)
 
-    done = gptoss("finetune", str(folder), "--data", str(data), "--out", str(tmp_path / "adapter"), "--device", "cpu",
-                  "--epochs", "2", "--rank", "2", "--lr", "5e-3")
+    done = gptoss("finetune", str(folder), "--data", str(data), "--eval-data", str(data), "--out",
+                  str(tmp_path / "adapter"), "--device", "cpu", "--epochs", "2", "--rank", "2", "--lr", "5e-3")
     assert done.returncode == 0, done.stderr
-    assert re.search(r"6 steps over 3 examples in .* s, loss [\d.]+ -> [\d.]+; adapter \([\d,]+ parameters\)",
-                     done.stderr), done.stderr
+    found = re.search(r"6 steps over 3 examples in .* s, loss [\d.]+ -> [\d.]+; held-out loss ([\d.]+) -> ([\d.]+) "
+                      r"over 3 examples; adapter \([\d,]+ parameters\)", done.stderr)
+    assert found and float(found[2]) < float(found[1]), done.stderr  # trained on the same chats: lower
     assert sorted(os.listdir(tmp_path / "adapter")) == ["adapter.safetensors", "adapter_config.json"]
     prompt = ["-p", "Say red.", "-n", "3", "-t", "0", "--device", "cpu"]
     adapted = gptoss("generate", str(folder), "--adapter", str(tmp_path / "adapter"), "--dequantize", *prompt)
