@@ -23,21 +23,10 @@ import pytest
 import uvicorn
 
 from conftest import free_port, interrupt, wait_until_serving
+from gptoss.engine import EngineError, TokenOutput
 from gptoss.errors import ContextLengthError
 from gptoss.server import create_app
 from gptoss.tokenizer import get_tokenizer
-
-try:
-    from gptoss.engine import TokenOutput
-except ImportError:  # pragma: no cover
-    from dataclasses import dataclass
-
-    @dataclass
-    class TokenOutput:
-        token: int
-        logprob: float | None = None
-        top_logprobs: list | None = None
-        finish_reason: str | None = None
 
 MODEL = "gpt-oss-test"
 KEY = "sk-test-123"
@@ -62,11 +51,13 @@ class ScriptedEngine:
         self.scripts: collections.deque = collections.deque()
         self.calls: list[dict] = []
 
-    def script(self, text: str, *, forever: str | None = None, delay: float = 0.0, first_delay: float = 0.0) -> None:
+    def script(self, text: str, *, forever: str | None = None, delay: float = 0.0, first_delay: float = 0.0,
+               fail_after: int | None = None) -> None:
         """Next generation replays toks(text) (delay seconds between tokens, first_delay before the first, like a
-        queued request); with forever, then repeats toks(forever) until closed."""
+        queued request); with forever, then repeats toks(forever) until closed; with fail_after, the engine fails
+        (EngineError) after yielding that many tokens."""
         self.scripts.append({"tokens": toks(text), "forever": toks(forever) if forever else None, "delay": delay,
-                             "first_delay": first_delay})
+                             "first_delay": first_delay, "fail_after": fail_after})
 
     def start(self):
         pass
@@ -86,7 +77,7 @@ class ScriptedEngine:
         self.calls.append(call)
         script = self.scripts.popleft() if self.scripts else {
             "tokens": toks("<|channel|>final<|message|>ok<|return|>"), "forever": None, "delay": 0.0,
-            "first_delay": 0.0}
+            "first_delay": 0.0, "fail_after": None}
 
         def stream():
             yield from script["tokens"]
@@ -96,6 +87,8 @@ class ScriptedEngine:
         try:
             await asyncio.sleep(script["first_delay"])
             for i, t in enumerate(stream(), start=1):
+                if i - 1 == script["fail_after"]:
+                    raise EngineError("engine step failed: RuntimeError('CUDA error: an illegal memory access')")
                 finish = "stop" if t in params.stop_token_ids else ("length" if i >= params.max_tokens else None)
                 out = TokenOutput(t, finish_reason=finish)
                 if params.logprobs:
@@ -616,6 +609,31 @@ def test_bad_requests(http, engine, path, body, status):
 def test_bad_request_names_the_param(http, path, body, param):
     r = http.post(path, json=body)
     assert r.status_code == 400 and r.json()["error"]["param"] == param, r.text
+
+
+def test_engine_failing_mid_stream(client, engine, http):
+    """A step that fails after some tokens: the chat stream ends with an in-band error (the official client raises
+    it), the responses stream with response.failed (not stored), a non-streaming request with a 500 body; the
+    server keeps serving."""
+    engine.script(ANSWER, fail_after=8)
+    stream = client.chat.completions.create(model=MODEL, messages=USER, stream=True)
+    got = []
+    with pytest.raises(openai.APIError, match="generation failed: engine step failed"):
+        for chunk in stream:
+            got.append(chunk)
+    assert got and got[0].choices[0].delta.role == "assistant"
+    engine.script(ANSWER, fail_after=8)
+    events = list(client.responses.create(model=MODEL, input="hi", stream=True))
+    assert events[-1].type == "response.failed" and events[-1].response.status == "failed"
+    assert "engine step failed" in events[-1].response.error.message
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(events[-1].response.id)
+    engine.script(ANSWER, fail_after=8)
+    r = http.post("/v1/chat/completions", json=_chat())
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    assert all(call["closed"] for call in engine.calls)
+    engine.script(ANSWER)
+    assert client.chat.completions.create(model=MODEL, messages=USER).choices[0].message.content == "Sunny, 20 C."
 
 
 def test_engine_context_error_is_400(http, engine):
