@@ -77,6 +77,8 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list
         raise GptOssError(f"LoRA rank must be at least 1, got {rank}")
     if model.shard.parallel:
         raise GptOssError("LoRA fine-tuning runs in one process (world size 1)")
+    if model.lora_config is not None:
+        raise GptOssError("the model already has a LoRA adapter")
     model.requires_grad_(False)
     config, device = model.config, model.device
     for block in model.block:
@@ -88,7 +90,7 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list
             mlp, e, h, i = block.mlp, config.num_experts, config.hidden_size, config.intermediate_size
             mlp.mlp1_weight = LoRAExperts(mlp.mlp1_weight, e, 2 * i, h, rank, alpha, device)
             mlp.mlp2_weight = LoRAExperts(mlp.mlp2_weight, e, h, i, rank, alpha, device)
-    model._lora = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    model.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
     return [p for name, p in model.named_parameters() if "lora_" in name]
 
 
@@ -106,11 +108,11 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
     """Writes the model's adapter (add_lora) into folder, each file complete or not there (written, then renamed)."""
     from safetensors.torch import save_file
 
-    if not hasattr(model, "_lora"):
+    if model.lora_config is None:
         raise GptOssError("the model has no LoRA adapter (add_lora)")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    config = {**model._lora, "model": _shape(model.config)}
+    config = {**model.lora_config, "model": _shape(model.config)}
     tensors = {name: t.float().contiguous().cpu() for name, t in adapter_state(model).items()}
     for name, write in ((_WEIGHTS, lambda path: save_file(tensors, str(path))),
                         (_CONFIG, lambda path: path.write_text(json.dumps(config, indent=1) + "\n"))):

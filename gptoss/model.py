@@ -239,6 +239,7 @@ class Transformer(nn.Module):
         # recompute each block in the backward pass instead of keeping its activations (attention scores are
         # (heads, N, N) a layer in the pure path): training memory of one block at a time
         self.gradient_checkpointing = False
+        self.lora_config: dict | None = None  # the adapters gptoss.lora.add_lora put on it
 
     @property
     def local_config(self) -> ModelConfig:
