@@ -7,7 +7,10 @@ matrices, the base weights frozen.
   expert (dequantized one at a time, as the pure MoE takes them) plus that expert's own B_e A_e. The packed
   weights stay packed; each expert has its own pair of low-rank factors (E of them per matrix).
 B starts at zero, so a fresh adapter leaves the model's function unchanged; A starts as nn.Linear initializes its
-weight (Kaiming uniform). Training runs the pure path (Triton kernels serve only tensors that need no gradient).
+weight (Kaiming uniform). The adapted weight is W + scale B A summed in float32 and rounded once to W's dtype: in
+bf16 an update smaller than half a bf16 step of its weight does not show in the forward until it grows (its
+gradient flows all the same). Training runs the pure path (Triton kernels serve only tensors that need no
+gradient).
 
 An adapter is a folder: adapter.safetensors (lora_a / lora_b tensors under the model's module names) and
 adapter_config.json (rank, alpha, targets and the model shape it was trained for). `load_adapter` merges it into a
@@ -44,7 +47,7 @@ def _factors(num: int | None, out_features: int, in_features: int, rank: int, de
 
 
 class LoRADelta(nn.Module):
-    """Parametrization of a Linear's weight: W -> W + scale * B A (computed in float32, added in W's dtype)."""
+    """Parametrization of a Linear's weight: W -> W + scale * B A (see _adapted)."""
 
     def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device=None):
         super().__init__()
@@ -52,7 +55,7 @@ class LoRADelta(nn.Module):
         self.lora_a, self.lora_b = _factors(None, out_features, in_features, rank, device)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + (self.scale * (self.lora_b @ self.lora_a)).to(weight.dtype)
+        return _adapted(weight, self.lora_a, self.lora_b, self.scale)
 
 
 class LoRAExperts(nn.Module):
@@ -66,7 +69,12 @@ class LoRAExperts(nn.Module):
         self.lora_a, self.lora_b = _factors(num_experts, out_features, in_features, rank, device)
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
-        return self.base.expert(e, dtype) + (self.scale * (self.lora_b[e] @ self.lora_a[e])).to(dtype)
+        return _adapted(self.base.expert(e, dtype), self.lora_a[e], self.lora_b[e], self.scale)
+
+
+def _adapted(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale * B A in float32, rounded once to W's dtype (training forward and merge alike)."""
+    return (weight.float() + scale * (b.float() @ a.float())).to(weight.dtype)
 
 
 def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list[nn.Parameter]:
@@ -186,12 +194,12 @@ def _target(model, module_name: str, a: torch.Tensor, b: torch.Tensor, path) -> 
 def _merge(target: nn.Module, a: torch.Tensor, b: torch.Tensor, scale: float) -> None:
     """weight += scale * B A, with the float32 product and the rounding of the training forward."""
     weight = target.weight
-    a, b = a.float().to(weight.device), b.float().to(weight.device)
+    a, b = a.to(weight.device), b.to(weight.device)
     if isinstance(target, nn.Linear):
-        weight.copy_(weight + (scale * (b @ a)).to(weight.dtype))
+        weight.copy_(_adapted(weight, a, b, scale))
     else:
         for e in range(weight.shape[0]):
-            weight[e].copy_(weight[e] + (scale * (b[e] @ a[e])).to(weight.dtype))
+            weight[e].copy_(_adapted(weight[e], a[e], b[e], scale))
 
 
 def _shape(config) -> dict:
