@@ -139,5 +139,11 @@ def test_finetune_command_writes_an_adapter_that_generate_loads(tmp_path):
     assert adapted.returncode == 0, adapted.stderr
     refused = gptoss("generate", str(folder), "--adapter", str(tmp_path / "adapter"), *prompt)
     assert refused.returncode == 2 and "--dequantize" in refused.stderr.strip().splitlines()[-1]
+    # attention-only adapters merge into a model whose experts stay packed
+    done = gptoss("finetune", str(folder), "--data", str(data), "--out", str(tmp_path / "attn"), "--device", "cpu",
+                  "--targets", "attention", "--rank", "2")
+    assert done.returncode == 0, done.stderr
+    packed = gptoss("generate", str(folder), "--adapter", str(tmp_path / "attn"), *prompt)
+    assert packed.returncode == 0, packed.stderr
     bad = gptoss("finetune", str(folder), "--data", str(tmp_path / "missing.jsonl"), "--out", str(tmp_path / "x"))
     assert bad.returncode == 2 and "missing.jsonl: cannot read" in bad.stderr and not (tmp_path / "x").exists()
