@@ -31,6 +31,7 @@ from gptoss.config import RMS_NORM_EPS, ModelConfig
 from gptoss.experts import DenseExperts, MXFP4Experts
 from gptoss.kernels import use_triton
 from gptoss.kernels.attention import attention_mask, sink_attention
+from gptoss.kernels.attention_training import sink_attention_blocked
 from gptoss.kernels.moe import moe, moe_partial, route
 from gptoss.parallel import SINGLE, Shard
 
@@ -145,7 +146,10 @@ class AttentionBlock(nn.Module):
         else:
             q = apply_rope(qkv[:, :q_dim].view(n, self.n_heads, self.head_dim), cos, sin)
             k = apply_rope(qkv[:, q_dim : q_dim + kv_dim].view(n, self.n_kv_heads, self.head_dim), cos, sin)
-        if cache is None:
+        if cache is None and torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, self.sinks)):
+            # training: the same function without keeping the (heads, N, N) probabilities for the backward
+            o = sink_attention_blocked(q, k, v, self.sinks, positions, self.window, self.sm_scale)
+        elif cache is None:
             o = sink_attention(q, k, v, self.sinks, attention_mask(positions, positions, self.window), self.sm_scale)
         else:  # the cache stores k/v and runs attention over everything the queries may see
             o = cache.attend(self.layer_idx, q, k, v, positions, self.window, self.sinks, self.sm_scale)  # (N, Hq, D)

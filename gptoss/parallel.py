@@ -124,6 +124,7 @@ def joined(device: str | torch.device) -> Iterator[Shard]:
         dist.init_process_group("nccl" if torch.device(device).type == "cuda" else "gloo")
     try:
         yield Shard(dist.get_rank(), dist.get_world_size())
+        dist.barrier()  # leave together: a rank tearing gloo down while another still talks to it can abort
     finally:
         dist.destroy_process_group()
 
