@@ -148,6 +148,7 @@ def run_engine_rank(rank, world_size, folder, store, results):
     try:
         model = load_model(folder, dtype=torch.float32, shard=Shard(rank, world_size))
         torch.save(engine_outputs(model), f"{results}.{rank}")
+        torch.distributed.barrier()  # leave together (gloo's teardown can abort a rank still talking)
     finally:
         torch.distributed.destroy_process_group()
 
