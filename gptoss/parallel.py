@@ -67,14 +67,12 @@ class Shard:
         """Rank 0's value of an int64 (a random seed, say) on every rank."""
         if not self.parallel:
             return value
-        held = torch.tensor([value], dtype=torch.int64, device=device)
-        torch.distributed.broadcast(held, src=torch.distributed.get_global_rank(self._group(), 0), group=self.group)
-        return int(held)
+        return int(self.tensor_from_first(torch.tensor([value], dtype=torch.int64, device=device)))
 
     def tensor_from_first(self, x: torch.Tensor) -> torch.Tensor:
         """Rank 0's x on every rank (the others pass a tensor of the same shape and dtype to receive it)."""
         if self.parallel:
-            torch.distributed.broadcast(x, src=torch.distributed.get_global_rank(self._group(), 0), group=self.group)
+            torch.distributed.broadcast(x, src=self._first(), group=self.group)
         return x
 
     def object_from_first(self, obj):
@@ -82,9 +80,12 @@ class Shard:
         if not self.parallel:
             return obj
         held = [obj]
-        torch.distributed.broadcast_object_list(held, src=torch.distributed.get_global_rank(self._group(), 0),
-                                                group=self.group)
+        torch.distributed.broadcast_object_list(held, src=self._first(), group=self.group)
         return held[0]
+
+    def _first(self) -> int:
+        """The global rank of the group's rank 0 (what broadcasts take as src)."""
+        return torch.distributed.get_global_rank(self._group(), 0)
 
     def _group(self):
         return self.group or torch.distributed.group.WORLD
