@@ -31,9 +31,11 @@ from gptoss.kernels.moe import route
 
 def jit_functions():
     """Every JITFunction reachable from the globals of gptoss.kernels' modules: directly, through an autotuner, or
-    in a dict of lazily built autotuners (moe_triton's)."""
+    in a dict of lazily built autotuners (moe_triton's). Modules whose kernels serve sm_90 only (HOPPER_ONLY:
+    moe_wgmma; other GPUs run moe_triton's GEMM in their place) are left out."""
     modules = [importlib.import_module(f"gptoss.kernels.{m.name}")
                for m in pkgutil.iter_modules(gptoss.kernels.__path__)]
+    modules = [m for m in modules if not getattr(m, "HOPPER_ONLY", False)]
     seen = {}
     stack = [v for m in modules for v in vars(m).values()]
     while stack:

@@ -1,9 +1,9 @@
 """Sweep of tile shapes for the MoE grouped GEMM, one fixed config for both kernels against the autotuned pair.
 Prints the graphed time of one layer call per tile and the best, next to the autotuned choice.
 
-  --kernel triton (default: moe_triton's own GEMM, tiles (BM, BN, BK, SWAP, SCALED, warps, stages)) or mma (the
-  tensor-core kernels of gptoss.kernels.moe_mma, tiles (R, T, warps)); each tile's output is checked against
-  the other kernel's autotuned output (relative error printed).
+  --kernel triton (default: moe_triton's own GEMM, tiles (BM, BN, BK, SWAP, SCALED, warps, stages)), mma or wgmma
+  (the tensor-core kernels of gptoss.kernels.moe_mma / moe_wgmma, tiles (R, T, warps)); each tile's output is
+  checked against another kernel's autotuned output (relative error printed).
 
   --sizes decode (default: 32 and 64 tokens, batched decode: every expert holds a handful of rows, so each call
   streams nearly all experts' packed bytes once and is bound by reading and decoding them);
@@ -16,8 +16,6 @@ import argparse
 import itertools
 import os
 import sys
-
-import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -32,9 +30,10 @@ E, H, I, K = 32, 2880, 2880, 4
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--sizes", choices=["decode", "prefill"], default="decode")
-    parser.add_argument("--kernel", choices=["triton", "mma"], default="triton")
+    parser.add_argument("--kernel", choices=["triton", "mma", "wgmma"], default="triton")
     args = parser.parse_args()
-    path, other = ("gemm_mma", "gemm_triton") if args.kernel == "mma" else ("gemm_triton", "gemm_mma")
+    path, other = {"triton": ("gemm_triton", "gemm_mma"), "mma": ("gemm_mma", "gemm_triton"),
+                   "wgmma": ("gemm_wgmma", "gemm_triton")}[args.kernel]
     layers = make_layers(4, E, H, I, "cuda")
     expert_bytes = sum(t.numel() * t.element_size() for t in (layers[0][0].blocks, layers[0][0].scales,
                                                               layers[0][2].blocks, layers[0][2].scales))
@@ -52,6 +51,9 @@ def main():
                 for warps, stages in [(4, 3), (8, 3), (8, 4)]]
     if args.kernel == "mma":
         from gptoss.kernels.moe_mma import _CONFIGS
+        grid = _CONFIGS
+    elif args.kernel == "wgmma":
+        from gptoss.kernels.moe_wgmma import _CONFIGS
         grid = _CONFIGS
     for n in sizes:
         inputs = [tokens(n, E, H, K, "cuda") for _ in layers]
@@ -75,7 +77,7 @@ def main():
         print(f"  autotuned against the {other} kernel: relative error {rel_err(call()()):.2e}", flush=True)
         results = []
         for tile in grid:
-            if args.kernel == "mma":
+            if args.kernel in ("mma", "wgmma"):
                 config = dict(zip(("R", "T", "num_warps"), tile))
             else:
                 config = dict(zip(("BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"), tile))

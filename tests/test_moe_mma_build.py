@@ -1,4 +1,5 @@
-"""The Gluon tensor-core MoE GEMM (gptoss.kernels.moe_mma) builds for every GPU it claims to serve (sm_80+).
+"""The Gluon tensor-core MoE GEMMs build for every GPU they claim to serve: gptoss.kernels.moe_mma for sm_80+,
+gptoss.kernels.moe_wgmma for sm_90.
 
 Triton compiles for a CUDA target without a GPU (its wheel ships ptxas), so this runs on the CPU: both kernels of
 the 20b shapes, through PTX and ptxas, for Ampere, Ada and Hopper. It guards issue #3 point 6 (no sm_90-only
@@ -14,7 +15,8 @@ import sys
 import pytest
 
 H = I = 2880  # gpt-oss-20b and -120b
-POINTERS = {"x_ptr": "*bf16", "act_ptr": "*bf16", "order_ptr": "*i32", "seg_ptr": "*i32", "w_ptr": "*i32",
+HP = 2944  # rounded up to 128 (moe_wgmma's k steps)
+POINTERS = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "act_ptr": "*bf16", "order_ptr": "*i32", "seg_ptr": "*i32", "w_ptr": "*i32",
             "s_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16"}
 SCALARS = {"E": "i32", "limit": "fp32", "tune_m": "i32"}
 
@@ -40,6 +42,52 @@ def build_both(arch: int) -> None:
         assert compiled.asm["cubin"], kernel.__name__
 
 
+def build_wgmma() -> None:
+    """Compiles the Hopper kernels of gptoss.kernels.moe_wgmma (every tile candidate) for sm_90."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import compile as triton_compile
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from gptoss.kernels import moe_wgmma
+
+    for R, T, warps in moe_wgmma._CONFIGS:
+        for kernel, constants in ((moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T)),
+                                  (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T))):
+            names = kernel.arg_names
+            signature = {n: "constexpr" if n in constants else POINTERS.get(n) or SCALARS[n] for n in names}
+            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS}
+            compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
+            assert "wgmma.mma_async.sync.aligned" in compiled.asm["ptx"], kernel.__name__
+            assert compiled.asm["cubin"], kernel.__name__
+    kernel = moe_wgmma._gather_permuted_kernel
+    constants = dict(H=H, HP=HP, K_ROUTE=4, ROWS=16)
+    signature = {n: "constexpr" if n in constants else {"M": "i32"}.get(n) or POINTERS[n] for n in kernel.arg_names}
+    assert triton_compile(GluonASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": 4, "num_stages": 1}).asm["cubin"]
+
+
+def run_child(*args):
+    """Runs this file's builds in a child process without the interpreter flag."""
+    import gptoss
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    # the child imports gptoss from where this process does (also from a checkout that is not installed)
+    root = os.path.dirname(os.path.dirname(gptoss.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+
+
+def test_wgmma_builds_for_hopper():
+    pytest.importorskip("triton")
+    from gptoss.kernels import moe_wgmma
+
+    if not moe_wgmma.HAS_WGMMA:
+        pytest.skip("this Triton has no Gluon Hopper API (moe_wgmma does not serve)")
+    run_child("wgmma")
+
+
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
 def test_builds_for_arch(arch):
     pytest.importorskip("triton")
@@ -47,16 +95,11 @@ def test_builds_for_arch(arch):
 
     if not moe_mma.HAS_GLUON:
         pytest.skip("this Triton has no Gluon (moe_mma does not serve)")
-    import gptoss
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # the child imports gptoss from where this process does (also from a checkout that is not installed)
-    root = os.path.dirname(os.path.dirname(gptoss.__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, __file__, str(arch)], env=env, capture_output=True, text=True,
-                          timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    run_child(str(arch))
 
 
 if __name__ == "__main__":
-    build_both(int(sys.argv[1]))
+    if sys.argv[1] == "wgmma":
+        build_wgmma()
+    else:
+        build_both(int(sys.argv[1]))

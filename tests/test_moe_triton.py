@@ -308,19 +308,23 @@ def test_gpu_real_shapes(N):
     check(N, E=32, H=2880, I=2880, K=4, device="cuda", seed=20 + N)
 
 
-@gpu_only
-def test_gpu_skewed_routing():
+def check_skewed_routing(path: str, seed: int):
     """All tokens on the same 4 experts (one expert segment spans many tiles)."""
     E, H, I, K, N = 32, 2880, 2880, 4, 1000
-    mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=5)
-    x, _, _ = make_tokens(N, E, H, K, "cuda", seed=6)
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=seed)
+    x, _, _ = make_tokens(N, E, H, K, "cuda", seed=seed + 1)
     logits = torch.randn(N, E, device="cuda")
     logits[:, 3:7] += 100.0
     w, ids = route(logits, K)
     w = w.to(torch.bfloat16)
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
-    out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
+    out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path=path)
     assert rel_err(out, ref) <= 1e-2
+
+
+@gpu_only
+def test_gpu_skewed_routing():
+    check_skewed_routing("auto", seed=5)
 
 
 @gpu_only
@@ -386,3 +390,54 @@ def test_gpu_mma_large_scales_fall_back():
     x, w, ids = make_tokens(40, 8, 96, 2, "cuda", seed=4)
     with pytest.raises(ValueError, match="does not serve"):
         moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path="gemm_mma")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The Hopper grouped GEMM (gptoss.kernels.moe_wgmma), which path="gemm" picks above MMA_MAX_TOKENS on sm_90
+# ---------------------------------------------------------------------------------------------------------------
+def _wgmma_configs():
+    from gptoss.kernels.moe_wgmma import _CONFIGS, HAS_WGMMA
+
+    return _CONFIGS if HAS_WGMMA else []
+
+
+wgmma_only = pytest.mark.skipif(not GPU or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
+
+
+@pytest.fixture
+def wgmma_on(monkeypatch):
+    """moe_wgmma serves only where asked for (GPTOSS_MOE_GEMM=wgmma)."""
+    monkeypatch.setenv("GPTOSS_MOE_GEMM", "wgmma")
+
+
+@wgmma_only
+@pytest.mark.parametrize("tile", _wgmma_configs())
+def test_gpu_every_wgmma_tile_candidate(tile, wgmma_on):
+    """Each candidate the autotuner may pick computes the same function: against the pure path and, tighter,
+    against the Triton GEMM (a short and a long prefill, real shapes)."""
+    config = dict(zip(("R", "T", "num_warps"), tile))
+    for N in (300, 1100):
+        check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm_wgmma", seed=95 + N, config=config,
+              against_triton=3e-3)
+
+
+@wgmma_only
+@pytest.mark.parametrize("N", [1, 3, 40, 129])
+def test_gpu_wgmma_tails(N, wgmma_on):
+    """Fewer 32-input blocks than a step takes (H = I = 96: 3), weight rows fewer than a tile, tokens fewer than a
+    tile and an expert's rows over several tiles, and the largest scale byte the kernels take (128)."""
+    for config in ({"R": 128, "T": 64, "num_warps": 8}, {"R": 64, "T": 128, "num_warps": 4}):
+        check(N, E=8, H=96, I=96, K=2, device="cuda", path="gemm_wgmma", seed=75 + N, config=config,
+              scales=(120, 129), against_triton=3e-3)
+
+
+@wgmma_only
+def test_gpu_wgmma_skewed_routing_and_large_scales(wgmma_on):
+    """All tokens on 4 experts (each expert's rows span many tiles); scale bytes above 128 make path gemm take
+    the Triton GEMM, and forcing gemm_wgmma is refused."""
+    check_skewed_routing("gemm_wgmma", seed=15)
+    check(300, E=8, H=96, I=96, K=2, device="cuda", path="gemm", seed=3, scales=(126, 131))
+    mlp1, b1, mlp2, b2 = make_layer(8, 96, 96, "cuda", seed=3, scales=(126, 131))
+    x, w, ids = make_tokens(300, 8, 96, 2, "cuda", seed=4)
+    with pytest.raises(ValueError, match="does not serve"):
+        moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path="gemm_wgmma")

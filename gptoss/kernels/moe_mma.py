@@ -297,20 +297,30 @@ if HAS_GLUON:
             unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
             wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
             acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, H, T, NW)  # (R, T)
-            ol: gl.constexpr = gl.SliceLayout(1, _acc_layout(NW))
-            ro = gl.arange(0, R, layout=ol)
-            uo = j * (R // 2) + (ro // 16) * 8 + ro % 8
-            bias = gl.load(b_ptr + e.to(gl.int64) * (2 * I) + 2 * uo + (ro // 8) % 2, mask=uo < I, other=0.0)
-            h = acc + bias.to(gl.float32)[:, None]
-            # (R, T) = (R/16 tiles, 2 gate|linear, 8, T) -> (R/16, 8, T, 2): a unit's two rows in one lane
-            glu, lin = gl.split(gl.permute(gl.reshape(h, [R // 16, 2, 8, T]), [0, 2, 3, 1]))
-            out = _swiglu(gl.reshape(glu, [R // 2, T]), gl.reshape(lin, [R // 2, T]), limit, gl.bfloat16)
-            st: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (R // 16), R // 16], [NW, 1], [1, 0])
-            out = gl.convert_layout(gl.permute(out, [1, 0]), st)  # (T, R/2), units contiguous
-            ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
-            us = j * (R // 2) + gl.arange(0, R // 2, layout=gl.SliceLayout(0, st))
-            gl.store(act_ptr + ts.to(gl.int64)[:, None] * I + us[None, :], out.to(gl.bfloat16),
+            out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
+            gl.store(act_ptr + ts.to(gl.int64)[:, None] * I + us[None, :], out,
                      mask=(ts < end)[:, None] & (us < I)[None, :])
+
+    @gluon.jit
+    def _mlp1_outputs(acc, e, j, start, b_ptr, limit, I: gl.constexpr):
+        """mlp1's products (R, T) of block j of expert e's weight rows (rows ordered as `_mlp1_swiglu_mma_kernel`
+        takes them) for the tile's sorted rows from `start` -> (SwiGLU units (T, R/2) bf16, sorted rows (T,), unit
+        indices (R/2,)) in a layout with a program's units contiguous; units past I hold junk."""
+        R: gl.constexpr = acc.shape[0]
+        T: gl.constexpr = acc.shape[1]
+        NW: gl.constexpr = gl.num_warps()
+        ro = gl.arange(0, R, layout=gl.SliceLayout(1, acc.type.layout))
+        uo = j * (R // 2) + (ro // 16) * 8 + ro % 8
+        bias = gl.load(b_ptr + e.to(gl.int64) * (2 * I) + 2 * uo + (ro // 8) % 2, mask=uo < I, other=0.0)
+        h = acc + bias.to(gl.float32)[:, None]
+        # (R, T) = (R/16 tiles, 2 gate|linear, 8, T) -> (R/16, 8, T, 2): a unit's two rows in one lane
+        glu, lin = gl.split(gl.permute(gl.reshape(h, [R // 16, 2, 8, T]), [0, 2, 3, 1]))
+        out = _swiglu(gl.reshape(glu, [R // 2, T]), gl.reshape(lin, [R // 2, T]), limit, gl.bfloat16)
+        st: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (R // 16), R // 16], [NW, 1], [1, 0])
+        out = gl.convert_layout(gl.permute(out, [1, 0]), st)  # (T, R/2), units contiguous
+        ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
+        us = j * (R // 2) + gl.arange(0, R // 2, layout=gl.SliceLayout(0, st))
+        return out.to(gl.bfloat16), ts, us
 
     @gluon.jit
     def _mlp2_mma_kernel(
@@ -335,17 +345,25 @@ if HAS_GLUON:
             rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
             hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
             acc = _gemm_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, T, NW)
-            ho = j * R + gl.arange(0, R, layout=gl.SliceLayout(1, _acc_layout(NW)))
-            bias = gl.load(b_ptr + e.to(gl.int64) * H + ho, mask=ho < H, other=0.0)
-            y = acc + bias.to(gl.float32)[:, None]
-            st: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [NW, 1], [1, 0])
-            y = gl.convert_layout(gl.permute(y, [1, 0]), st)  # (T, R), features contiguous
-            ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
-            tm = ts < end
-            pair = gl.load(order_ptr + ts, mask=tm, other=0).to(gl.int64)
-            hs_o = j * R + gl.arange(0, R, layout=gl.SliceLayout(0, st))
-            gl.store(y_ptr + pair[:, None] * H + hs_o[None, :], y.to(y_ptr.dtype.element_ty),
-                     mask=tm[:, None] & (hs_o < H)[None, :])
+            _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H)
+
+    @gluon.jit
+    def _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H: gl.constexpr):
+        """mlp2's products (R, T) of output features j * R .. of expert e for the tile's sorted rows start .. end
+        -> y rows of their pairs, with the bias, rounded to y's dtype."""
+        R: gl.constexpr = acc.shape[0]
+        T: gl.constexpr = acc.shape[1]
+        ho = j * R + gl.arange(0, R, layout=gl.SliceLayout(1, acc.type.layout))
+        bias = gl.load(b_ptr + e.to(gl.int64) * H + ho, mask=ho < H, other=0.0)
+        y = acc + bias.to(gl.float32)[:, None]
+        st: gl.constexpr = gl.BlockedLayout([1, 8], [1, 32], [gl.num_warps(), 1], [1, 0])
+        y = gl.convert_layout(gl.permute(y, [1, 0]), st)  # (T, R), features contiguous
+        ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
+        tm = ts < end
+        pair = gl.load(order_ptr + ts, mask=tm, other=0).to(gl.int64)
+        hs_o = j * R + gl.arange(0, R, layout=gl.SliceLayout(0, st))
+        gl.store(y_ptr + pair[:, None] * H + hs_o[None, :], y.to(y_ptr.dtype.element_ty),
+                 mask=tm[:, None] & (hs_o < H)[None, :])
 
     # (R, T, warps) candidates, autotuned per (shapes, E, M bucket) on the first call
     _CONFIGS = [(128, 64, 4), (256, 64, 8), (128, 32, 4), (64, 64, 4), (128, 16, 4), (64, 16, 4), (256, 32, 8),
@@ -353,12 +371,18 @@ if HAS_GLUON:
 
     _TUNED: dict = {}
 
-    def _tuned(name: str):
-        if name not in _TUNED:
-            kernel = {"mlp1": _mlp1_swiglu_mma_kernel, "mlp2": _mlp2_mma_kernel}[name]
-            configs = [triton.Config({"R": r, "T": t}, num_warps=w, num_stages=1) for r, t, w in _CONFIGS]
-            _TUNED[name] = triton.autotune(configs, key=["H", "I", "E", "tune_m"], cache_results=True)(kernel)
-        return _TUNED[name]
+
+def kernel_pair(kernels: tuple, candidates: list, config: dict | None, tuned: dict) -> tuple:
+    """(mlp1 kernel, mlp2 kernel, launch options) of a tile-parametrized (R, T) kernel pair: autotuned over the
+    candidates (R, T, warps) per (shapes, E, M bucket) on the first call, the tuned pair kept in `tuned`; or with
+    a fixed config {"R", "T", "num_warps"} the plain kernels and that config."""
+    if config is not None:
+        return (*kernels, {"R": config["R"], "T": config["T"], "num_warps": config["num_warps"]})
+    if "pair" not in tuned:
+        configs = [triton.Config({"R": r, "T": t}, num_warps=w, num_stages=1) for r, t, w in candidates]
+        tuned["pair"] = tuple(triton.autotune(configs, key=["H", "I", "E", "tune_m"], cache_results=True)(k)
+                              for k in kernels)
+    return (*tuned["pair"], {})
 
 
 def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
@@ -375,14 +399,11 @@ def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_bl
     EP = triton.next_power_of_2(E)
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
-    if config is None:
-        k1, k2, c1, c2 = _tuned("mlp1"), _tuned("mlp2"), {}, {}
-    else:
-        k1, k2 = _mlp1_swiglu_mma_kernel, _mlp2_mma_kernel
-        c1 = c2 = {"R": config["R"], "T": config["T"], "num_warps": config["num_warps"]}
+    k1, k2, opts = kernel_pair((_mlp1_swiglu_mma_kernel, _mlp2_mma_kernel), _CONFIGS, config, _TUNED)
     k1[lambda m: (triton.cdiv(2 * I, m["R"]), n_tiles(m["T"]))](
-        x, order, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, I=I, K_ROUTE=k_route,
-        EP=EP, **c1)
+        x, order, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, I=I,
+        K_ROUTE=k_route, EP=EP, **opts)
     k2[lambda m: (triton.cdiv(H, m["R"]), n_tiles(m["T"]))](
-        act, order, seg_end, E, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, tune_m, H=H, I=I, EP=EP, **c2)
+        act, order, seg_end, E, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, tune_m, H=H, I=I, EP=EP,
+        **opts)
     return y

@@ -624,6 +624,23 @@ def _mma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: to
             and _scales_fit(mlp2_scales))
 
 
+def _wgmma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> bool:
+    from gptoss.kernels.moe_wgmma import wgmma_gemm_available
+
+    return (not triton_interpreting() and wgmma_gemm_available(x) and _scales_fit(mlp1_scales)
+            and _scales_fit(mlp2_scales))
+
+
+def _gemm_kernels(n: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
+    """The grouped GEMM that path "gemm" runs for n tokens: the tensor-core kernels where they serve (see
+    MMA_MAX_TOKENS), else this module's."""
+    if n <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        return "gemm_mma"
+    if n > MMA_MAX_TOKENS and _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        return "gemm_wgmma"
+    return "gemm_triton"
+
+
 def moe_triton(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -648,12 +665,13 @@ def moe_triton(
     residual (N, H): returns residual + that sum instead (the block's residual add, fused into the last kernel).
     x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
 
-    path: "auto" (by N, see MMA_MIN_TOKENS above), "gemv", "gemm" (the tensor-core kernels of `gptoss.kernels.moe_mma`
-      up to MMA_MAX_TOKENS where they serve, else this module's), "gemm_mma" or "gemm_triton" (one of the two).
+    path: "auto" (by N, see MMA_MIN_TOKENS above), "gemv", "gemm" (the tensor-core kernels where they serve:
+      `gptoss.kernels.moe_mma` up to MMA_MAX_TOKENS, `gptoss.kernels.moe_wgmma` above on Hopper; else this
+      module's), or one of them: "gemm_mma", "gemm_wgmma", "gemm_triton".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
       gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
       gemm_triton: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"};
-      gemm_mma: {"R", "T", "num_warps"}.
+      gemm_mma, gemm_wgmma: {"R", "T", "num_warps"}.
     denorm: FP4 decode in the GEMM path (None: GPTOSS_MXFP4_DEQUANT, default the fp32-subnormal trick).
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
@@ -688,10 +706,10 @@ def moe_triton(
     if path == "auto":
         if gemv_serves(N):
             path = "gemv"
-        elif N <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
-            path = "gemm_mma"
         else:
-            path = "gemv" if N <= DECODE_MAX_TOKENS else "gemm_triton"
+            path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
+            if path == "gemm_triton" and N <= DECODE_MAX_TOKENS:
+                path = "gemv"
 
     if path == "gemv":
         # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
@@ -721,19 +739,24 @@ def moe_triton(
                                                          MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
         return _combine(y, weights, residual, x.dtype)
 
-    if path not in ("gemm", "gemm_mma", "gemm_triton"):
-        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma' or 'gemm_triton', got {path!r}")
+    if path not in ("gemm", "gemm_mma", "gemm_wgmma", "gemm_triton"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma' or 'gemm_triton', "
+                         f"got {path!r}")
     if path == "gemm":
-        path = "gemm_mma" if N <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales) else "gemm_triton"
+        path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
     elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
+    elif path == "gemm_wgmma" and not _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        raise ValueError("the Hopper GEMM (gptoss.kernels.moe_wgmma) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
     order, seg_end = group_pairs(expert_ids.reshape(-1), E)
-    if path == "gemm_mma":
+    if path in ("gemm_mma", "gemm_wgmma"):
         from gptoss.kernels.moe_mma import mlp_mma_gemm
+        from gptoss.kernels.moe_wgmma import mlp_wgmma_gemm
 
-        y = mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
-                         limit, K, config=config)
+        gemm = mlp_mma_gemm if path == "gemm_mma" else mlp_wgmma_gemm
+        y = gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
+                 limit, K, config=config)
         return _combine(y, weights, residual, x.dtype)
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
     y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order

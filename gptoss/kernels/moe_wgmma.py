@@ -1,0 +1,296 @@
+"""The MoE grouped GEMM for prefills on Hopper: warpgroup MMAs (wgmma) fed by the FP4 decode in registers (Gluon).
+
+`gptoss.kernels.moe_mma` decodes the packed weights straight into `mma.sync`'s A fragments; this module does the same
+for sm_90's asynchronous warpgroup MMA, whose A operand may also come from registers, and stages the activations
+(its B operand) in shared memory, where one copy serves every warp of the CTA. The product is W @ x^T: an expert's
+weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile), the input dimension its K.
+
+  * Steps of 4 blocks of 32 inputs (128): lane (g, t) of a warp loads block 4q + t of its rows g and g + 8 (16
+    bytes each, one load), as in moe_mma, and decodes them with the same FP4 -> bf16 asm (`_FP4_TO_BF16`, block
+    scale included). Word j of a lane's block gives 4 bf16x2 registers: the pairs of inputs (0, 4), (2, 6), (1, 5),
+    (3, 7) of its 8. wgmma's register A layout (bf16, k_width 2) holds, for lane t and k-step s of 16, the inputs
+    16s + 2t + {0, 1} and 16s + 2t + {8, 9}; so the MMA's k is a permutation of the step's inputs:
+        MMA k = 32 j + 16 i2 + 8 i1 + 2 t + i0   <->   input 32 t + 8 j + 4 i0 + 2 i1 + i2
+    for lane t, word j, decoded element i = 4 i2 + 2 i1 + i0. The MMA sums over k in any order; the activations
+    come in the same permuted order (`_mma_columns`), so each product pairs a weight with its own activation:
+    mlp1's input rows are gathered by sorted row and permuted by a small kernel first (`_gather_permuted_kernel`),
+    and mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded with zeros to a multiple of 128.
+  * Activation tiles (T sorted rows x 128 inputs, bf16: contiguous rows of those matrices) are copied to shared
+    memory by `cp.async` two steps ahead into four buffers; after a wait, a fence for the async proxy and a CTA
+    barrier every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
+    decodes step q's weights while its MMA of step q - 1 runs, and retires that MMA after issuing step q's. The
+    packed weights are loaded into registers two steps ahead.
+  * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
+    activations.
+
+Grid: (row tile, block of weight rows), tiles fastest: the CTAs in flight share one block of an expert's weights
+through L2, each with one of its token tiles, so each weight byte comes from memory about once per call. Tiles and
+outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, `_tile` numbering), so `moe_triton` calls
+these kernels in its place. Numerics: exact bf16 weights (scale bytes up to moe_mma.MAX_SCALE_BYTE), fp32 products
+and sums on the tensor cores, outputs rounded as the other GEMMs round them.
+
+Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
+Status: opt-in (GPTOSS_MOE_GEMM=wgmma). A first form of these kernels (activations staged through registers, one
+step of prefetch, synchronous MMAs) passed the GPU tests on an H200 and beat `moe_triton`'s GEMM from 256 to 2,048
+tokens (a layer call at 1,024 tokens: 855 against 1,050 us; at 8,192 on a par, 5.75 against 5.64 ms); this form
+has not run on a GPU yet.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+try:  # Gluon's API is experimental: any mismatch disables this path, never the package
+    import triton
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _load_step, _log2, _mlp1_outputs, _mlp2_store, _step_layout,
+                                        _tile, kernel_pair)
+
+    # names that changed after Triton 3.6 (the GPU machine's): the CTA barrier (barrier) and cp.async (async_load)
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+
+    HAS_WGMMA = True
+except Exception:  # pragma: no cover - depends on the installed Triton
+    HAS_WGMMA = False
+
+
+# wgmma exists on sm_90 only: elsewhere moe_triton runs its own GEMM in this module's place
+HOPPER_ONLY = True
+
+
+@functools.cache
+def _hopper(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index)[0] == 9
+
+
+def wgmma_gemm_available(x: torch.Tensor) -> bool:
+    """Whether these kernels can serve x's device: Gluon's Hopper API importable, an sm_90 GPU, bf16 activations,
+    and asked for with GPTOSS_MOE_GEMM=wgmma (not yet the default: see the module docstring)."""
+    return (HAS_WGMMA and x.is_cuda and x.dtype == torch.bfloat16
+            and os.environ.get("GPTOSS_MOE_GEMM", "mma") == "wgmma"
+            and _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+
+
+if HAS_WGMMA:
+
+    @gluon.constexpr_function
+    def _acc_layout(nw, t):
+        """(R, T) accumulators: warpgroups stacked over the rows (64 each), T tokens the MMA's N."""
+        return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, t, 16])
+
+    @gluon.constexpr_function
+    def _acts_shared_layout():
+        return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
+
+    @gluon.constexpr_function
+    def _decode_layout(r, nw):
+        """(R, 4 t, 4 j, 8) a step's packed words, each repeated 8 times (the 8 weights it decodes to): dropping the
+        last dimension gives moe_mma's `_step_layout` (lane (g, t) holds block t's 4 words of its rows g, g + 8)."""
+        reps = [[16 * nw << m, 0, 0, 0] for m in range(_log2(r // (16 * nw)))]
+        return gl.DistributedLinearLayout(
+            reg_bases=[[0, 0, 0, 1], [0, 0, 0, 2], [0, 0, 0, 4], [0, 0, 1, 0], [0, 0, 2, 0], [8, 0, 0, 0]] + reps,
+            lane_bases=[[0, 1, 0, 0], [0, 2, 0, 0], [1, 0, 0, 0], [2, 0, 0, 0], [4, 0, 0, 0]],
+            warp_bases=[[16 << w, 0, 0, 0] for w in range(_log2(nw))], block_bases=[], shape=[r, 4, 4, 8])
+
+    @gluon.jit
+    def _decode_step(wd, mult, NW: gl.constexpr, T: gl.constexpr):
+        """Packed words (R, 4 t, 4 j) in `_step_layout` and multipliers (R, 4 t) (`_multiplier`) of a step -> the
+        wgmma A operand (R, 128) bf16, its k in the permuted order of the module docstring."""
+        R: gl.constexpr = wd.shape[0]
+        dl: gl.constexpr = _decode_layout(R, NW)
+        shape: gl.constexpr = [R, 4, 4, 8]
+        wd = gl.convert_layout(wd, gl.SliceLayout(3, dl), assert_trivial=True)
+        mult = gl.convert_layout(mult, gl.SliceLayout(2, gl.SliceLayout(3, dl)), assert_trivial=True)
+        wd8 = gl.broadcast(wd[:, :, :, None], gl.full(shape, 0, gl.int32, dl))[0]
+        mult8 = gl.broadcast(mult[:, :, None, None], gl.full(shape, 0, gl.bfloat16, dl))[0]
+        w = gl.inline_asm_elementwise(_FP4_TO_BF16, "=r,=r,=r,=r,r,r,r,r,r,r,r,r,r,r,r,r", [wd8, mult8],
+                                      dtype=gl.bfloat16, is_pure=True, pack=8)  # (R, 4 t, 4 j, 8 i)
+        # (R, t1, t0, j1, j0, i2, i1, i0) -> (R, j1, j0, i2, i1, t1, t0, i0): MMA k = 32 j + 16 i2 + 8 i1 + 2 t + i0
+        a = gl.reshape(gl.permute(gl.reshape(w, [R, 2, 2, 2, 2, 2, 2, 2]), [0, 3, 4, 5, 6, 1, 2, 7]), [R, 128])
+        a_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(NW, T), k_width=2)
+        return gl.convert_layout(a, a_dot, assert_trivial=True)
+
+    @gluon.jit
+    def _mma_columns(u):
+        """Input indices u -> their columns in the MMA's k order (the module docstring's permutation, within
+        each step of 128): input 128 q + 32 t + 8 j + 4 i0 + 2 i1 + i2 -> 128 q + 32 j + 16 i2 + 8 i1 + 2 t + i0."""
+        a = u % 128
+        return u - a + 32 * ((a // 8) % 4) + 16 * (a % 2) + 8 * ((a // 2) % 2) + 2 * (a // 32) + (a // 4) % 2
+
+    @gluon.jit
+    def _gather_permuted_kernel(
+        x_ptr,  # (N, H) bf16
+        order_ptr,  # (M,) int32 sorted row -> pair
+        xp_ptr,  # (M, HP) bf16 out
+        M,
+        H: gl.constexpr, HP: gl.constexpr, K_ROUTE: gl.constexpr,
+        ROWS: gl.constexpr,
+    ):
+        """xp[r] = the token row of sorted row r, its inputs in the MMA's k order, zeros past H: mlp1's B operand
+        as contiguous rows."""
+        lay: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
+        rows = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, lay))
+        rmask = rows < M
+        tok = (gl.load(order_ptr + rows, mask=rmask, other=0) // K_ROUTE).to(gl.int64)
+        u = gl.arange(0, 128, layout=gl.SliceLayout(0, lay))[None, :]
+        for q in range(HP // 128):
+            cols = 128 * q + u
+            xv = gl.load(x_ptr + tok[:, None] * H + cols, mask=rmask[:, None] & (cols < H), other=0.0)
+            gl.store(xp_ptr + rows.to(gl.int64)[:, None] * HP + _mma_columns(cols), xv, mask=rmask[:, None])
+
+    @gluon.jit
+    def _wgmma_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, KP: gl.constexpr, T: gl.constexpr,
+                    NW: gl.constexpr):
+        """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,) int64
+        of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a (., KP)
+        bf16 matrix whose columns are in the MMA's k order (`_mma_columns`; KP = KDIM rounded up to 128, zeros
+        past KDIM). Every row index must be valid (callers point unused rows at a real one and drop their
+        results). wrow in `_row_layout`, xrow in SliceLayout(1, `_copy_layout`)."""
+        R: gl.constexpr = wrow.shape[0]
+        sl: gl.constexpr = _step_layout(R, NW)
+        wl: gl.constexpr = gl.SliceLayout(2, sl)
+        G: gl.constexpr = KDIM // 32
+        STEPS: gl.constexpr = KP // 128
+        t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))[None, :]
+        pw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))
+        w_ptrs = w_ptr + wrow[:, None, None] * (KDIM // 8) + pw[None, None, :]
+        s_ptrs = s_ptr + wrow[:, None] * G
+        kx = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))
+        x_ptrs = x_ptr + xrow[:, None] * KP + kx[None, :]
+        # activation tiles: copied two steps ahead into four buffers; the buffer of step q + 2 was last read by
+        # the MMA of step q - 2, which every warpgroup retired before the barrier of step q
+        bufs = gl.allocate_shared_memory(gl.bfloat16, [4, T, 128], _acts_shared_layout())
+        for q in gl.static_range(2):
+            _copy_to_shared(bufs.index(q), x_ptrs + q * 128)
+            async_copy.commit_group()
+        acc = gl.zeros([R, T], gl.float32, _acc_layout(NW, T))
+        # weights of the step in hand (0) and the next (1): loaded two steps ahead of their MMA too
+        wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
+        wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
+        a_prev = gl.zeros([R, 128], gl.bfloat16, gl.DotOperandLayout(operand_index=0, parent=_acc_layout(NW, T),
+                                                                     k_width=2))
+        for q in range(STEPS):
+            async_copy.wait_group(1)  # this thread's copies of step q have landed
+            fence_async_shared()
+            _cta_barrier()  # and every thread's
+            a = _decode_step(wd0, mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
+            acc = warpgroup_mma(a, bufs.index(q % 4).permute((1, 0)), acc, is_async=True)
+            # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
+            acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
+            a_prev = a
+            _copy_to_shared(bufs.index((q + 2) % 4),
+                                                   x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
+            async_copy.commit_group()
+            wd0, mult0 = wd1, mult1
+            wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
+        acc = warpgroup_mma_wait(0, deps=[acc])
+        async_copy.wait_group(0)
+        return acc
+
+    @gluon.constexpr_function
+    def _copy_layout(nw):
+        """(T, 128) activation tiles as copied to shared memory: 16 bytes a thread, 16 threads a 256-byte row."""
+        return gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _row_layout(r, nw):
+        """Layout of the (R,) weight row indices `_wgmma_rows` takes."""
+        return gl.SliceLayout(1, gl.SliceLayout(2, _step_layout(r, nw)))
+
+    @gluon.jit
+    def _mlp1_swiglu_wgmma_kernel(
+        xp_ptr,  # (M, HP) bf16: sorted rows' tokens, inputs in the MMA's k order (_gather_permuted_kernel)
+        seg_ptr,  # (E,) int32 end sorted row of each expert
+        E,
+        w_ptr,  # (E, 2I, H/32, 4) int32 view of the packed blocks
+        s_ptr,  # (E, 2I, H/32) uint8
+        b_ptr,  # (E, 2I)
+        act_ptr,  # (M, IP) bf16 out, sorted rows, units in the MMA's k order (mlp2's B operand)
+        limit,
+        tune_m,  # M rounded to a power of two: autotuning key only
+        H: gl.constexpr, HP: gl.constexpr, I: gl.constexpr, IP: gl.constexpr, EP: gl.constexpr,
+        R: gl.constexpr,  # weight rows per program (R / 2 SwiGLU units)
+        T: gl.constexpr,  # sorted rows (tokens) per tile
+    ):
+        NW: gl.constexpr = gl.num_warps()
+        j = gl.program_id(1)
+        e, start, end = _tile(seg_ptr, gl.program_id(0), E, EP, T)
+        if e < E:
+            # rows past the tile's end read its last row (their results are not stored)
+            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, _copy_layout(NW))), end - 1)
+            # tile row r: unit j * R/2 + (r // 16) * 8 + r % 8, gate (row 2u) in r % 16 < 8, linear (2u + 1) above
+            # (a lane holds rows g and g + 8: both halves of a unit); units past I read unit I - 1
+            r = gl.arange(0, R, layout=_row_layout(R, NW))
+            unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
+            wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
+            acc = _wgmma_rows(w_ptr, s_ptr, wrow, xp_ptr, rows.to(gl.int64), H, HP, T, NW)  # (R, T)
+            out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
+            gl.store(act_ptr + ts.to(gl.int64)[:, None] * IP + _mma_columns(us)[None, :], out,
+                     mask=(ts < end)[:, None] & (us < I)[None, :])
+
+    @gluon.jit
+    def _mlp2_wgmma_kernel(
+        act_ptr,  # (M, IP) bf16 sorted rows, units in the MMA's k order
+        order_ptr,  # (M,) int32
+        seg_ptr,  # (E,) int32
+        E,
+        w_ptr,  # (E, H, I/32, 4) int32 view of the packed blocks
+        s_ptr,  # (E, H, I/32) uint8
+        b_ptr,  # (E, H)
+        y_ptr,  # (M, H) out, original pair order
+        tune_m,
+        H: gl.constexpr, I: gl.constexpr, IP: gl.constexpr, EP: gl.constexpr,
+        R: gl.constexpr,  # output features per program
+        T: gl.constexpr,
+    ):
+        NW: gl.constexpr = gl.num_warps()
+        j = gl.program_id(1)
+        e, start, end = _tile(seg_ptr, gl.program_id(0), E, EP, T)
+        if e < E:
+            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, _copy_layout(NW))), end - 1)
+            hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
+            acc = _wgmma_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, IP, T, NW)
+            _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H)
+
+    # (R, T, warps) candidates, autotuned per (shapes, E, M bucket) on the first call
+    _CONFIGS = [(128, 128, 8), (128, 64, 8), (64, 128, 4), (64, 64, 4), (256, 64, 8), (128, 128, 4)]
+
+    _TUNED: dict = {}
+
+
+def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
+                   limit: float, k_route: int, *, config: dict | None = None) -> torch.Tensor:
+    """Both expert matmuls of the MoE for pairs sorted by expert (`moe_mma.mlp_mma_gemm`'s contract): x (N, H)
+    bf16, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16.
+    config: {"R", "T", "num_warps"} instead of autotuning."""
+    N, H = x.shape
+    E, R1 = mlp1_blocks.shape[:2]
+    I = R1 // 2
+    M = order.numel()
+    HP, IP = -(-H // 128) * 128, -(-I // 128) * 128  # the MMA's k steps of 128
+    xp = torch.empty((M, HP), dtype=torch.bfloat16, device=x.device)
+    act = torch.empty((M, IP), dtype=torch.bfloat16, device=x.device)
+    act[:, I:].zero_()  # mlp2 multiplies these columns by its padded (zero-scaled) inputs
+    y = torch.empty((M, H), dtype=torch.bfloat16, device=x.device)
+    EP = triton.next_power_of_2(E)
+    tune_m = max(64, triton.next_power_of_2(M))
+    n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
+    k1, k2, opts = kernel_pair((_mlp1_swiglu_wgmma_kernel, _mlp2_wgmma_kernel), _CONFIGS, config, _TUNED)
+    _gather_permuted_kernel[(triton.cdiv(M, 16),)](x, order, xp, M, H=H, HP=HP, K_ROUTE=k_route, ROWS=16,
+                                                   num_warps=4)
+    k1[lambda m: (n_tiles(m["T"]), triton.cdiv(2 * I, m["R"]))](
+        xp, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, HP=HP, I=I,
+        IP=IP, EP=EP, **opts)
+    k2[lambda m: (n_tiles(m["T"]), triton.cdiv(H, m["R"]))](
+        act, order, seg_end, E, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, tune_m, H=H, I=I, IP=IP,
+        EP=EP, **opts)
+    return y
