@@ -16,55 +16,46 @@ import pytest
 
 H = I = 2880  # gpt-oss-20b and -120b
 HP = 2944  # rounded up to 128 (moe_wgmma's k steps)
-POINTERS = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "act_ptr": "*bf16", "order_ptr": "*i32", "seg_ptr": "*i32", "w_ptr": "*i32",
-            "s_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16"}
-SCALARS = {"E": "i32", "limit": "fp32", "tune_m": "i32"}
+POINTERS = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "act_ptr": "*bf16", "order_ptr": "*i32", "seg_ptr": "*i32",
+            "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16"}
+SCALARS = {"E": "i32", "M": "i32", "limit": "fp32", "tune_m": "i32"}
 
 
-def build_both(arch: int) -> None:
-    """Compiles mlp1 and mlp2 with the first tile candidate for sm_<arch>, as a launch with 16-byte aligned
-    tensors specializes them; raises on any failure."""
+def build(kernel, constants: dict, arch: int, warps: int):
+    """Compiles a Gluon kernel for sm_<arch> as a launch with 16-byte aligned tensors specializes it."""
     from triton.backends.compiler import GPUTarget
     from triton.compiler import compile as triton_compile
     from triton.experimental.gluon._runtime import GluonASTSource
 
+    names = kernel.arg_names
+    signature = {n: "constexpr" if n in constants else POINTERS.get(n) or SCALARS[n] for n in names}
+    attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS}
+    compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
+                              target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
+    assert compiled.asm["cubin"], kernel.__name__
+    return compiled
+
+
+def build_both(arch: int) -> None:
+    """Compiles mlp1 and mlp2 with the first tile candidate for sm_<arch>; raises on any failure."""
     from gptoss.kernels import moe_mma
 
     R, T, warps = moe_mma._CONFIGS[0]
     for kernel, constants in ((moe_mma._mlp1_swiglu_mma_kernel, dict(H=H, I=I, K_ROUTE=4, EP=32, R=R, T=T)),
                               (moe_mma._mlp2_mma_kernel, dict(H=H, I=I, EP=32, R=R, T=T))):
-        names = kernel.arg_names
-        signature = {n: "constexpr" if n in constants else POINTERS.get(n) or SCALARS[n] for n in names}
-        attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS}
-        compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": warps, "num_stages": 1})
-        assert "mma.sync.aligned.m16n8k16" in compiled.asm["ptx"], kernel.__name__
-        assert compiled.asm["cubin"], kernel.__name__
+        assert "mma.sync.aligned.m16n8k16" in build(kernel, constants, arch, warps).asm["ptx"], kernel.__name__
 
 
 def build_wgmma() -> None:
     """Compiles the Hopper kernels of gptoss.kernels.moe_wgmma (every tile candidate) for sm_90."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import compile as triton_compile
-    from triton.experimental.gluon._runtime import GluonASTSource
-
     from gptoss.kernels import moe_wgmma
 
     for R, T, warps in moe_wgmma._CONFIGS:
-        for kernel, constants in ((moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T)),
-                                  (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T))):
-            names = kernel.arg_names
-            signature = {n: "constexpr" if n in constants else POINTERS.get(n) or SCALARS[n] for n in names}
-            attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in names if n in POINTERS}
-            compiled = triton_compile(GluonASTSource(kernel, signature, constexprs=constants, attrs=attrs),
-                                      target=GPUTarget("cuda", 90, 32), options={"num_warps": warps, "num_stages": 1})
-            assert "wgmma.mma_async.sync.aligned" in compiled.asm["ptx"], kernel.__name__
-            assert compiled.asm["cubin"], kernel.__name__
-    kernel = moe_wgmma._gather_permuted_kernel
-    constants = dict(H=H, HP=HP, K_ROUTE=4, ROWS=16)
-    signature = {n: "constexpr" if n in constants else {"M": "i32"}.get(n) or POINTERS[n] for n in kernel.arg_names}
-    assert triton_compile(GluonASTSource(kernel, signature, constexprs=constants), target=GPUTarget("cuda", 90, 32),
-                          options={"num_warps": 4, "num_stages": 1}).asm["cubin"]
+        for kernel, constants in (
+                (moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T)),
+                (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T))):
+            assert "wgmma.mma_async.sync.aligned" in build(kernel, constants, 90, warps).asm["ptx"], kernel.__name__
+    build(moe_wgmma._gather_permuted_kernel, dict(H=H, HP=HP, K_ROUTE=4, ROWS=16), 90, 4)
 
 
 def run_child(*args):

@@ -617,18 +617,22 @@ def _scales_fit(scales: torch.Tensor) -> bool:
     return known[2]
 
 
+def _tensor_core_serves(available, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> bool:
+    """Whether a Gluon tensor-core GEMM serves: not interpreting, available(x) (its device and dtype check), and
+    every scale byte within its bf16 multiplier's range."""
+    return not triton_interpreting() and available(x) and _scales_fit(mlp1_scales) and _scales_fit(mlp2_scales)
+
+
 def _mma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> bool:
     from gptoss.kernels.moe_mma import mma_gemm_available
 
-    return (not triton_interpreting() and mma_gemm_available(x) and _scales_fit(mlp1_scales)
-            and _scales_fit(mlp2_scales))
+    return _tensor_core_serves(mma_gemm_available, x, mlp1_scales, mlp2_scales)
 
 
 def _wgmma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> bool:
     from gptoss.kernels.moe_wgmma import wgmma_gemm_available
 
-    return (not triton_interpreting() and wgmma_gemm_available(x) and _scales_fit(mlp1_scales)
-            and _scales_fit(mlp2_scales))
+    return _tensor_core_serves(wgmma_gemm_available, x, mlp1_scales, mlp2_scales)
 
 
 def _gemm_kernels(n: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:

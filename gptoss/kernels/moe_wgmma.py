@@ -88,6 +88,11 @@ if HAS_WGMMA:
         return gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[nw, 1], instr_shape=[16, t, 16])
 
     @gluon.constexpr_function
+    def _a_layout(nw, t):
+        """(R, 128) a step's decoded weights as wgmma's register A operand (bf16: k-width 2)."""
+        return gl.DotOperandLayout(operand_index=0, parent=_acc_layout(nw, t), k_width=2)
+
+    @gluon.constexpr_function
     def _acts_shared_layout():
         return gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
 
@@ -116,8 +121,7 @@ if HAS_WGMMA:
                                       dtype=gl.bfloat16, is_pure=True, pack=8)  # (R, 4 t, 4 j, 8 i)
         # (R, t1, t0, j1, j0, i2, i1, i0) -> (R, j1, j0, i2, i1, t1, t0, i0): MMA k = 32 j + 16 i2 + 8 i1 + 2 t + i0
         a = gl.reshape(gl.permute(gl.reshape(w, [R, 2, 2, 2, 2, 2, 2, 2]), [0, 3, 4, 5, 6, 1, 2, 7]), [R, 128])
-        a_dot: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=_acc_layout(NW, T), k_width=2)
-        return gl.convert_layout(a, a_dot, assert_trivial=True)
+        return gl.convert_layout(a, _a_layout(NW, T), assert_trivial=True)
 
     @gluon.jit
     def _mma_columns(u):
@@ -137,7 +141,7 @@ if HAS_WGMMA:
     ):
         """xp[r] = the token row of sorted row r, its inputs in the MMA's k order, zeros past H: mlp1's B operand
         as contiguous rows."""
-        lay: gl.constexpr = gl.BlockedLayout([1, 8], [2, 16], [gl.num_warps(), 1], [1, 0])
+        lay: gl.constexpr = _copy_layout(gl.num_warps())
         rows = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, lay))
         rmask = rows < M
         tok = (gl.load(order_ptr + rows, mask=rmask, other=0) // K_ROUTE).to(gl.int64)
@@ -176,8 +180,7 @@ if HAS_WGMMA:
         # weights of the step in hand (0) and the next (1): loaded two steps ahead of their MMA too
         wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
-        a_prev = gl.zeros([R, 128], gl.bfloat16, gl.DotOperandLayout(operand_index=0, parent=_acc_layout(NW, T),
-                                                                     k_width=2))
+        a_prev = gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T))
         for q in range(STEPS):
             async_copy.wait_group(1)  # this thread's copies of step q have landed
             fence_async_shared()
@@ -187,8 +190,7 @@ if HAS_WGMMA:
             # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
             acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
             a_prev = a
-            _copy_to_shared(bufs.index((q + 2) % 4),
-                                                   x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
+            _copy_to_shared(bufs.index((q + 2) % 4), x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
             async_copy.commit_group()
             wd0, mult0 = wd1, mult1
             wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
