@@ -390,12 +390,14 @@ def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_bl
     """Both expert matmuls of the MoE for pairs sorted by expert: x (N, H) bf16, order (M,) int32 sorted row -> pair,
     seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16, each pair's expert output with its bias
     (`moe_triton`'s grouped-GEMM contract). config: {"R", "T", "num_warps"} instead of autotuning."""
+    from gptoss.kernels import moe_triton  # its buffer allocator (tests poison the buffers through it)
+
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
     M = order.numel()
-    act = torch.empty((M, I), dtype=torch.bfloat16, device=x.device)
-    y = torch.empty((M, H), dtype=torch.bfloat16, device=x.device)
+    act = moe_triton._empty((M, I), torch.bfloat16, x.device)
+    y = moe_triton._empty((M, H), torch.bfloat16, x.device)
     EP = triton.next_power_of_2(E)
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing

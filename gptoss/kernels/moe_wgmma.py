@@ -16,8 +16,8 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
     mlp1's input rows are gathered by sorted row and permuted by a small kernel first (`_gather_permuted_kernel`),
     and mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded with zeros to a multiple of 128.
   * Activation tiles (T sorted rows x 128 inputs, bf16: contiguous rows of those matrices) are copied to shared
-    memory by `cp.async` two steps ahead into four buffers; after a wait, a fence for the async proxy and a CTA
-    barrier every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
+    memory by `cp.async` two steps ahead into four buffers; after a wait, a CTA barrier and a fence for the async
+    proxy every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
     decodes step q's weights while its MMA of step q - 1 runs, and retires that MMA after issuing step q's. The
     packed weights are loaded into registers two steps ahead.
   * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
@@ -30,10 +30,8 @@ these kernels in its place. Numerics: exact bf16 weights (scale bytes up to moe_
 and sums on the tensor cores, outputs rounded as the other GEMMs round them.
 
 Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
-Status: opt-in (GPTOSS_MOE_GEMM=wgmma). A first form of these kernels (activations staged through registers, one
-step of prefetch, synchronous MMAs) passed the GPU tests on an H200 and beat `moe_triton`'s GEMM from 256 to 2,048
-tokens (a layer call at 1,024 tokens: 855 against 1,050 us; at 8,192 on a par, 5.75 against 5.64 ms); this form
-has not run on a GPU yet.
+Status: opt-in (GPTOSS_MOE_GEMM=wgmma): correct on the GPU, but on an H100 no faster than `moe_triton`'s GEMM
+(a 20b layer call at 1,024 tokens 1,071 against 1,063 us, at 8,192 6.76 against 5.60 ms; README, "Speed").
 """
 
 from __future__ import annotations
@@ -170,33 +168,59 @@ if HAS_WGMMA:
         s_ptrs = s_ptr + wrow[:, None] * G
         kx = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))
         x_ptrs = x_ptr + xrow[:, None] * KP + kx[None, :]
-        # activation tiles: copied two steps ahead into four buffers; the buffer of step q + 2 was last read by
-        # the MMA of step q - 2, which every warpgroup retired before the barrier of step q
-        bufs = gl.allocate_shared_memory(gl.bfloat16, [4, T, 128], _acts_shared_layout())
-        for q in gl.static_range(2):
-            _copy_to_shared(bufs.index(q), x_ptrs + q * 128)
-            async_copy.commit_group()
-        acc = gl.zeros([R, T], gl.float32, _acc_layout(NW, T))
-        # weights of the step in hand (0) and the next (1): loaded two steps ahead of their MMA too
+        # activation tiles: copied two steps ahead into four buffers, separate allocations used in a fixed
+        # rotation (the loop is unrolled by 4), so that Triton's shared-memory hazard analysis sees that the copy
+        # into step q + 2's buffer does not touch the buffer the in-flight MMA of step q reads, and adds no
+        # barrier there; that buffer was last read by the MMA of step q - 2, which every warpgroup retired before
+        # the barrier of step q
+        b0 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
+        b1 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
+        b2 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
+        b3 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
+        _copy_to_shared(b0, x_ptrs)
+        async_copy.commit_group()
+        _copy_to_shared(b1, x_ptrs + gl.minimum(1, STEPS - 1) * 128)
+        async_copy.commit_group()
+        # weights of the step in hand and the next: loaded two steps ahead of their MMA too
         wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
-        a_prev = gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T))
-        for q in range(STEPS):
-            async_copy.wait_group(1)  # this thread's copies of step q have landed
-            fence_async_shared()
-            _cta_barrier()  # and every thread's
-            a = _decode_step(wd0, mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
-            acc = warpgroup_mma(a, bufs.index(q % 4).permute((1, 0)), acc, is_async=True)
-            # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
-            acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
-            a_prev = a
-            _copy_to_shared(bufs.index((q + 2) % 4), x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
-            async_copy.commit_group()
-            wd0, mult0 = wd1, mult1
-            wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
-        acc = warpgroup_mma_wait(0, deps=[acc])
+        s = (gl.zeros([R, T], gl.float32, _acc_layout(NW, T)),  # the accumulators
+             gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T)),  # the A registers of the MMA in flight
+             wd0, mult0, wd1, mult1)
+        for q in range(0, STEPS - 3, 4):
+            s = _wgmma_step(q, s, b0, b2, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+            s = _wgmma_step(q + 1, s, b1, b3, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+            s = _wgmma_step(q + 2, s, b2, b0, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+            s = _wgmma_step(q + 3, s, b3, b1, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+        TAIL: gl.constexpr = STEPS - STEPS % 4
+        if STEPS % 4 > 0:
+            s = _wgmma_step(TAIL, s, b0, b2, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+        if STEPS % 4 > 1:
+            s = _wgmma_step(TAIL + 1, s, b1, b3, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+        if STEPS % 4 > 2:
+            s = _wgmma_step(TAIL + 2, s, b2, b0, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+        acc = warpgroup_mma_wait(0, deps=[s[0]])
         async_copy.wait_group(0)
         return acc
+
+    @gluon.jit
+    def _wgmma_step(q, s, buf, buf_ahead, w_ptrs, s_ptrs, t4, x_ptrs, G: gl.constexpr, STEPS: gl.constexpr,
+                    NW: gl.constexpr, T: gl.constexpr):
+        """Step q of `_wgmma_rows`: its MMA (activations in buf) issued, the previous one retired, step q + 2's
+        activations copied into buf_ahead and its weights loaded. s: (accumulators, A registers of the MMA in
+        flight, step q's words and multipliers, step q + 1's) -> the same for step q + 1."""
+        acc, a_prev, wd0, mult0, wd1, mult1 = s
+        async_copy.wait_group(1)  # this thread's copies of step q have landed
+        _cta_barrier()  # and every thread's
+        fence_async_shared()  # (cumulative) before the async proxy of the MMA reads them
+        a = _decode_step(wd0, mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
+        acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
+        # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
+        acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
+        _copy_to_shared(buf_ahead, x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
+        async_copy.commit_group()
+        wd2, mult2 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
+        return acc, a, wd1, mult1, wd2, mult2
 
     @gluon.constexpr_function
     def _copy_layout(nw):
@@ -274,15 +298,20 @@ def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     """Both expert matmuls of the MoE for pairs sorted by expert (`moe_mma.mlp_mma_gemm`'s contract): x (N, H)
     bf16, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16.
     config: {"R", "T", "num_warps"} instead of autotuning."""
+    from gptoss.kernels import moe_triton  # its buffer allocator (tests poison the buffers through it)
+
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
     M = order.numel()
     HP, IP = -(-H // 128) * 128, -(-I // 128) * 128  # the MMA's k steps of 128
-    xp = torch.empty((M, HP), dtype=torch.bfloat16, device=x.device)
-    act = torch.empty((M, IP), dtype=torch.bfloat16, device=x.device)
-    act[:, I:].zero_()  # mlp2 multiplies these columns by its padded (zero-scaled) inputs
-    y = torch.empty((M, H), dtype=torch.bfloat16, device=x.device)
+    xp = moe_triton._empty((M, HP), torch.bfloat16, x.device)
+    act = moe_triton._empty((M, IP), torch.bfloat16, x.device)
+    # mlp2 multiplies the padding inputs I..IP (zero multipliers) by their columns, so those must hold zeros, not
+    # stale bytes that may be NaN; the permutation keeps them within the last step of 128 columns, but scatters
+    # them over all of it: zero the whole step, mlp1 writes the real units' columns over it
+    act[:, IP - 128:].zero_()
+    y = moe_triton._empty((M, H), torch.bfloat16, x.device)
     EP = triton.next_power_of_2(E)
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
