@@ -173,14 +173,13 @@ if HAS_WGMMA:
         # into step q + 2's buffer does not touch the buffer the in-flight MMA of step q reads, and adds no
         # barrier there; that buffer was last read by the MMA of step q - 2, which every warpgroup retired before
         # the barrier of step q
-        b0 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
-        b1 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
-        b2 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
-        b3 = gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout())
-        _copy_to_shared(b0, x_ptrs)
-        async_copy.commit_group()
-        _copy_to_shared(b1, x_ptrs + gl.minimum(1, STEPS - 1) * 128)
-        async_copy.commit_group()
+        bufs = (gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()))
+        for i in gl.static_range(2):
+            _copy_to_shared(bufs[i], x_ptrs + gl.minimum(i, STEPS - 1) * 128)
+            async_copy.commit_group()
         # weights of the step in hand and the next: loaded two steps ahead of their MMA too
         wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
@@ -188,17 +187,11 @@ if HAS_WGMMA:
              gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T)),  # the A registers of the MMA in flight
              wd0, mult0, wd1, mult1)
         for q in range(0, STEPS - 3, 4):
-            s = _wgmma_step(q, s, b0, b2, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-            s = _wgmma_step(q + 1, s, b1, b3, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-            s = _wgmma_step(q + 2, s, b2, b0, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-            s = _wgmma_step(q + 3, s, b3, b1, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-        TAIL: gl.constexpr = STEPS - STEPS % 4
-        if STEPS % 4 > 0:
-            s = _wgmma_step(TAIL, s, b0, b2, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-        if STEPS % 4 > 1:
-            s = _wgmma_step(TAIL + 1, s, b1, b3, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
-        if STEPS % 4 > 2:
-            s = _wgmma_step(TAIL + 2, s, b2, b0, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+            for i in gl.static_range(4):
+                s = _wgmma_step(q + i, s, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+        for i in gl.static_range(STEPS % 4):  # the steps after the last whole rotation, in the same rotation
+            s = _wgmma_step(STEPS - STEPS % 4 + i, s, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4, x_ptrs, G,
+                            STEPS, NW, T)
         acc = warpgroup_mma_wait(0, deps=[s[0]])
         async_copy.wait_group(0)
         return acc
