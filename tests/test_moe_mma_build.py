@@ -37,13 +37,17 @@ def build(kernel, constants: dict, arch: int, warps: int):
 
 
 def build_both(arch: int) -> None:
-    """Compiles mlp1 and mlp2 with the first tile candidate for sm_<arch>; raises on any failure."""
+    """Compiles mlp1 and mlp2 with the first tile candidate (with the L2 prefetch) for sm_<arch>; raises on any
+    failure."""
     from gptoss.kernels import moe_mma
 
     R, T, warps = moe_mma._CONFIGS[0]
-    for kernel, constants in ((moe_mma._mlp1_swiglu_mma_kernel, dict(H=H, I=I, K_ROUTE=4, EP=32, R=R, T=T)),
-                              (moe_mma._mlp2_mma_kernel, dict(H=H, I=I, EP=32, R=R, T=T))):
-        assert "mma.sync.aligned.m16n8k16" in build(kernel, constants, arch, warps).asm["ptx"], kernel.__name__
+    tile = dict(R=R, T=T, AHEAD=moe_mma.PREFETCH_STEPS)
+    for kernel, constants in ((moe_mma._mlp1_swiglu_mma_kernel, dict(H=H, I=I, K_ROUTE=4, EP=32, **tile)),
+                              (moe_mma._mlp2_mma_kernel, dict(H=H, I=I, EP=32, **tile))):
+        ptx = build(kernel, constants, arch, warps).asm["ptx"]
+        # the MMAs, and the L2 prefetch (an inline-asm hint whose result nothing reads: it must not be dropped)
+        assert "mma.sync.aligned.m16n8k16" in ptx and "prefetch.global.L2" in ptx, kernel.__name__
 
 
 def build_wgmma() -> None:

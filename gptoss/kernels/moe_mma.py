@@ -56,6 +56,12 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 
 # The largest E8M0 scale byte whose multiplier 2^(s - 1) is a finite bf16 (weights up to 12 in magnitude).
 MAX_SCALE_BYTE = 128
+# Steps of 128 inputs whose weight bytes a program hints into L2 (`prefetch.global.L2`, one instruction a row and
+# step, no register) ahead of the loads that take them into registers one step ahead: the DRAM reads start two
+# steps earlier. scripts/moe_crossover.py on an H100, us a layer call at 1 / 32 / 64 tokens, with 0, 2 and 4 steps:
+# 48.2 / 250.6 / 248.8, 43.7 / 236.8 / 243.5, 45.1 / 251.1 / 257.4 (one run each; further ahead, the lines in
+# flight of all resident programs crowd L2). GPTOSS_PREFETCH=0 turns it off.
+PREFETCH_STEPS = 2
 
 
 @functools.cache
@@ -215,7 +221,14 @@ if HAS_GLUON:
         return wd, mult.to(gl.bfloat16)
 
     @gluon.jit
-    def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr):
+    def _prefetch_l2(ptrs):
+        """Hints L2 to fetch the line holding each address of ptrs (which must be valid); returns nothing."""
+        gl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=gl.int32, is_pure=False,
+                                  pack=1)
+
+    @gluon.jit
+    def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr,
+                   AHEAD: gl.constexpr):
         """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,)
         int64 of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a
         (., KDIM) bf16 matrix. Every row index must be valid (callers point unused rows at a real one and drop
@@ -225,7 +238,8 @@ if HAS_GLUON:
         one 16-byte load, and MMA pair p takes word p of each lane's block, with the activations of inputs
         32t + 8p + j of the step for lane t (column 8t + j as `_mma_pair` takes them). Blocks past the last
         (G not a multiple of 4) read the last one's bytes and activations with multiplier 0. The next step's
-        weights and the next pair's activations are loaded before the current MMAs."""
+        weights and the next pair's activations are loaded before the current MMAs; with AHEAD > 0 the weights of
+        step q + AHEAD are hinted into L2 at step q (PREFETCH_STEPS), the scales all at the start."""
         R: gl.constexpr = wrow.shape[0]
         sl: gl.constexpr = _step_layout(R, NW)
         wl: gl.constexpr = gl.SliceLayout(2, sl)
@@ -240,9 +254,18 @@ if HAS_GLUON:
         x_ptrs = x_ptr + xrow[:, None] * KDIM + (kx % 8)[None, :]
         tx = (kx // 8)[None, :]  # the lane's block within the step
         acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
+        NQ: gl.constexpr = (G + 3) // 4
+        row_ptrs = w_ptr + wr * (KDIM // 8)  # (R,) each row's first word; a step is 16 words
+        if AHEAD > 0:
+            _prefetch_l2(s_ptrs)  # a row's G scale bytes span at most two lines
+            _prefetch_l2(s_ptrs + (G - 1))
+            for q in gl.static_range(AHEAD):
+                _prefetch_l2(row_ptrs + q * 16)
         wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         x0 = _load_pair(x_ptrs, tx, 0, 0, G)
-        for q in range((G + 3) // 4):
+        for q in range(NQ):
+            if AHEAD > 0:
+                _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
             wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
             w0, w1, w2, w3 = _split4(wd)
             x1 = _load_pair(x_ptrs, tx, q, 1, G)
@@ -282,6 +305,7 @@ if HAS_GLUON:
         H: gl.constexpr, I: gl.constexpr, K_ROUTE: gl.constexpr, EP: gl.constexpr,
         R: gl.constexpr,  # weight rows per program (R / 2 SwiGLU units)
         T: gl.constexpr,  # sorted rows (tokens) per tile
+        AHEAD: gl.constexpr,  # steps of weights prefetched into L2 ahead of the loads (0: none)
     ):
         NW: gl.constexpr = gl.num_warps()
         xl: gl.constexpr = _acts_layout(T, NW)
@@ -296,7 +320,7 @@ if HAS_GLUON:
             r = gl.arange(0, R, layout=_row_layout(R, NW))
             unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
             wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
-            acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, H, T, NW)  # (R, T)
+            acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, H, T, NW, AHEAD)  # (R, T)
             out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
             gl.store(act_ptr + ts.to(gl.int64)[:, None] * I + us[None, :], out,
                      mask=(ts < end)[:, None] & (us < I)[None, :])
@@ -336,6 +360,7 @@ if HAS_GLUON:
         H: gl.constexpr, I: gl.constexpr, EP: gl.constexpr,
         R: gl.constexpr,  # output features per program
         T: gl.constexpr,
+        AHEAD: gl.constexpr,
     ):
         NW: gl.constexpr = gl.num_warps()
         xl: gl.constexpr = _acts_layout(T, NW)
@@ -344,7 +369,7 @@ if HAS_GLUON:
         if e < E:
             rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
             hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
-            acc = _gemm_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, T, NW)
+            acc = _gemm_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, T, NW, AHEAD)
             _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H)
 
     @gluon.jit
@@ -402,6 +427,7 @@ def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_bl
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
     k1, k2, opts = kernel_pair((_mlp1_swiglu_mma_kernel, _mlp2_mma_kernel), _CONFIGS, config, _TUNED)
+    opts["AHEAD"] = PREFETCH_STEPS if os.environ.get("GPTOSS_PREFETCH", "1") != "0" else 0
     k1[lambda m: (triton.cdiv(2 * I, m["R"]), n_tiles(m["T"]))](
         x, order, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, I=I,
         K_ROUTE=k_route, EP=EP, **opts)
