@@ -117,6 +117,10 @@ if HAS_GLUON:
         return n.bit_length() - 1
 
     @gluon.constexpr_function
+    def _min(a, b):
+        return min(a, b)
+
+    @gluon.constexpr_function
     def _acc_layout(nw):
         """(R, T) accumulators: the warps split the rows (16-row tiles, round robin), each warp holds all T tokens."""
         return gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[nw, 1], instr_shape=[16, 8])
@@ -259,7 +263,7 @@ if HAS_GLUON:
         if AHEAD > 0:
             _prefetch_l2(s_ptrs)  # a row's G scale bytes span at most two lines
             _prefetch_l2(s_ptrs + (G - 1))
-            for q in gl.static_range(AHEAD):
+            for q in gl.static_range(_min(AHEAD, NQ)):  # never past a row's last step (its address may be invalid)
                 _prefetch_l2(row_ptrs + q * 16)
         wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         x0 = _load_pair(x_ptrs, tx, 0, 0, G)
