@@ -28,7 +28,9 @@ lane holds both halves of a SwiGLU unit.
 Measured on the H200 (scripts/moe_crossover.py, 20b shapes, a layer call): faster than the CUDA-core GEMV from 2
 tokens (71.4 vs 77.0 us) and than `moe_triton`'s GEMM up to 256 (243 vs 291 us at 64 tokens, 466 vs 536 at 256),
 slower above (1276 vs 1010 us at 1024), so `moe_triton` runs it for 2-256 tokens (batched decode, short prefills).
-At the larger sizes nothing is staged in shared memory: every warp reads the activations from L1 / L2 one MMA pair
+On the H100 with a whole step's activations loaded a step ahead: 149.5 / 201.1 / 219.9 / 228.2 / 286.1 / 425.6 us
+at 8 / 16 / 32 / 64 / 128 / 256 tokens against the Triton GEMM's 185.4 / 239.6 / 272.5 / 274.9 / 343.3 / 444.3.
+At the larger sizes nothing is staged in shared memory: every warp reads the activations from L1 / L2 one step
 ahead, and what bounds it there has not been profiled.
 
 Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
@@ -242,8 +244,10 @@ if HAS_GLUON:
         one 16-byte load, and MMA pair p takes word p of each lane's block, with the activations of inputs
         32t + 8p + j of the step for lane t (column 8t + j as `_mma_pair` takes them). Blocks past the last
         (G not a multiple of 4) read the last one's bytes and activations with multiplier 0. The next step's
-        weights and the next pair's activations are loaded before the current MMAs; with AHEAD > 0 the weights of
-        step q + AHEAD are hinted into L2 at step q (PREFETCH_STEPS), the scales all at the start."""
+        weights and all four of its activation pairs are loaded before the current step's MMAs (loading each pair
+        one MMA pair ahead left every pair waiting on an L2 round trip: 6-11% slower at 16-256 tokens, H100); with
+        AHEAD > 0 the weights of step q + AHEAD are hinted into L2 at step q (PREFETCH_STEPS), the scales all at
+        the start."""
         R: gl.constexpr = wrow.shape[0]
         sl: gl.constexpr = _step_layout(R, NW)
         wl: gl.constexpr = gl.SliceLayout(2, sl)
@@ -266,28 +270,26 @@ if HAS_GLUON:
             for q in gl.static_range(_min(AHEAD, NQ)):  # never past a row's last step (its address may be invalid)
                 _prefetch_l2(row_ptrs + q * 16)
         wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
-        x0 = _load_pair(x_ptrs, tx, 0, 0, G)
+        x0, x1, x2, x3 = _load_pairs(x_ptrs, tx, 0, G)
         for q in range(NQ):
             if AHEAD > 0:
                 _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
             wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
             w0, w1, w2, w3 = _split4(wd)
-            x1 = _load_pair(x_ptrs, tx, q, 1, G)
+            y0, y1, y2, y3 = _load_pairs(x_ptrs, tx, q + 1, G)
             acc = _mma_pair(acc, w0, mult, x0, NW)
-            x2 = _load_pair(x_ptrs, tx, q, 2, G)
             acc = _mma_pair(acc, w1, mult, x1, NW)
-            x3 = _load_pair(x_ptrs, tx, q, 3, G)
             acc = _mma_pair(acc, w2, mult, x2, NW)
-            x0 = _load_pair(x_ptrs, tx, q + 1, 0, G)
             acc = _mma_pair(acc, w3, mult, x3, NW)
-            wd, mult = wd_n, mult_n
+            wd, mult, x0, x1, x2, x3 = wd_n, mult_n, y0, y1, y2, y3
         return acc
 
     @gluon.jit
-    def _load_pair(x_ptrs, tx, q, p, G: gl.constexpr):
-        """Activations (T, 32) of MMA pair p of step q: column 8t + j is input 32 (4q + t) + 8p + j (blocks past
-        the last read the last one)."""
-        return gl.load(x_ptrs + gl.minimum(4 * q + tx, G - 1) * 32 + 8 * p)
+    def _load_pairs(x_ptrs, tx, q, G: gl.constexpr):
+        """Activations (T, 32) of MMA pairs 0 .. 3 of step q: in pair p, column 8t + j is input 32 (4q + t) + 8p + j
+        (blocks past the last read the last one)."""
+        blk = x_ptrs + gl.minimum(4 * q + tx, G - 1) * 32
+        return gl.load(blk), gl.load(blk + 8), gl.load(blk + 16), gl.load(blk + 24)
 
     @gluon.constexpr_function
     def _row_layout(r, nw):
