@@ -361,6 +361,16 @@ def test_gpu_skewed_routing():
     check_skewed_routing("auto", seed=5)
 
 
+def captured(call):
+    """call() run once (compiling and autotuning), then captured in a CUDA graph -> (graph, its output)."""
+    call()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    return graph, out
+
+
 @gpu_only
 @pytest.mark.parametrize("N", [1, 16])
 def test_gpu_cuda_graph(N):
@@ -369,11 +379,7 @@ def test_gpu_cuda_graph(N):
     mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=7)
     x, w, ids = make_tokens(N, E, H, K, "cuda", seed=8)
     args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
-    moe_triton(x, w, ids, *args)  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_triton(x, w, ids, *args)
+    graph, out = captured(lambda: moe_triton(x, w, ids, *args))
     x2, w2, ids2 = make_tokens(N, E, H, K, "cuda", seed=9)
     x.copy_(x2), w.copy_(w2), ids.copy_(ids2)
     graph.replay()
@@ -389,11 +395,7 @@ def test_gpu_cuda_graph_routed():
     x, _, _ = make_tokens(1, E, H, K, "cuda", seed=8)
     logits = torch.randn(1, E, device="cuda").to(torch.bfloat16)
     args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
-    moe_triton_routed(x, logits, K, *args)  # compile / autotune outside the capture
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = moe_triton_routed(x, logits, K, *args)
+    graph, out = captured(lambda: moe_triton_routed(x, logits, K, *args))
     for seed in (9, 10):
         logits.copy_(torch.randn(1, E, device="cuda").to(torch.bfloat16))
         x.copy_(make_tokens(1, E, H, K, "cuda", seed=seed)[0])
