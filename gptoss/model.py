@@ -16,8 +16,7 @@ A KV cache, when given, owns the attention over cached keys (`cache.attend`), so
 reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache. A GPU cache may
 also offer `decode_write_target`, through which the RoPE kernel stores a decode step's k and v itself.
 On the GPU, small ops are fused where a decode step gains (see gptoss.kernels): the attention's residual add runs
-in the MLP's norm, the MLP's in the MoE's last kernel, and the norms before qkv and the unembedding in their GEMVs;
-a decode step's routing runs inside the first MoE kernel.
+in the MLP's norm, the MLP's in the MoE's last kernel, and the norms before qkv and the unembedding in their GEMVs.
 """
 
 import dataclasses
@@ -199,23 +198,17 @@ class MLPBlock(nn.Module):
         return h + moe(t, weights, expert_ids, *experts)
 
     def _forward_gpu(self, x, update):
-        """The same with packed experts on the GPU in a few launches: residual add + norm and the gate GEMV (one
-        launch for a few tokens), and the MoE kernels from the router logits (top-K + softmax in a launch of its
-        own, or in a decode step inside the first MoE kernel), whose last one adds h."""
-        from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, add_norm_gemv
-        from gptoss.kernels.moe_triton import gemv_serves, moe_triton_routed
+        """The same with packed experts on the GPU in a few launches: residual add + norm, the gate GEMV, top-K +
+        softmax, and the MoE kernels, whose last one adds h."""
+        from gptoss.kernels.moe_triton import gemv_serves, moe_triton_from_stores
         from gptoss.kernels.norm_triton import add_rms_norm
+        from gptoss.kernels.route_triton import route_triton
 
-        if x.shape[0] <= GEMV_MAX_TOKENS:  # one launch for the add, the norm and the gate
-            h, t, t_float32, logits = add_norm_gemv(x, update, self.norm.scale, RMS_NORM_EPS, self.gate.weight,
-                                                    self.gate.bias)
-        else:
-            h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS,
-                                           with_float32=gemv_serves(x.shape[0]))  # for the MoE GEMV kernels
-            logits = linear(self.gate, t)
-        w1, w2 = self.mlp1_weight, self.mlp2_weight
-        return moe_triton_routed(t, logits, self.experts_per_token, w1.blocks, w1.scales, self.mlp1_bias, w2.blocks,
-                                 w2.scales, self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
+        h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS,
+                                       with_float32=gemv_serves(x.shape[0]))  # for the MoE GEMV kernels
+        weights, expert_ids = route_triton(linear(self.gate, t), self.experts_per_token)
+        return moe_triton_from_stores(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight,
+                                      self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
 
 
 class TransformerBlock(nn.Module):

@@ -23,9 +23,7 @@ from gptoss.kernels.moe_triton import (  # noqa: E402
     group_pairs,
     moe_fast_available,
     moe_triton,
-    moe_triton_routed,
 )
-from gptoss.kernels.route_triton import route_triton
 
 tl = pytest.importorskip("triton.language")
 
@@ -106,25 +104,6 @@ def check_residual(N, device, path, config=None):
     assert rel_err(out, ref) <= TOL
 
 
-def check_routed(N, E, H, I, K, device, config=None, seed=0):
-    """moe_triton_routed on the GEMV path (routing inside mlp1, the combine inside mlp2): equal to moe_triton after
-    route_triton, to the pure path within TOL, and the same again on a second call (the arrival counts it leaves
-    behind are zero); with the residual too."""
-    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed)
-    x, _, _ = make_tokens(N, E, H, K, device, seed=seed + 100)
-    logits = torch.randn(N, E, device=device).to(torch.bfloat16)
-    logits[0, :2] = logits[0, 2]  # a tie: the lowest expert id wins, as in route_triton
-    residual = torch.randn(N, H, device=device).to(torch.bfloat16) * 4
-    args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
-    w, ids = route_triton(logits, K)
-    for res in (None, residual):
-        routed = [moe_triton_routed(x, logits, K, *args, path="gemv", config=config, residual=res) for _ in range(2)]
-        unrouted = moe_triton(x, w, ids, *args, path="gemv", config=config, residual=res)
-        assert torch.equal(routed[0], routed[1]) and torch.equal(routed[0], unrouted)
-        ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
-        assert rel_err(routed[0], ref if res is None else res + ref) <= TOL
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # CPU interpreter (without a GPU, tiny shapes)
 # ---------------------------------------------------------------------------------------------------------------
@@ -135,12 +114,6 @@ interp_only = pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the
 @pytest.mark.parametrize("N", [1, 3, 8])
 def test_interpret_gemv(N):
     check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32})
-
-
-@interp_only
-@pytest.mark.parametrize("N", [1, 3])
-def test_interpret_routed_gemv(N):
-    check_routed(N, E=8, H=64, I=64, K=4, device="cpu", config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32}, seed=N)
 
 
 @interp_only
@@ -312,13 +285,6 @@ def test_gpu_every_gemm_tile_candidate(index, mlp1):
 
 
 @gpu_only
-@pytest.mark.parametrize("N,E", [(1, 32), (3, 32), (8, 8), (1, 128)])
-def test_gpu_routed_gemv(N, E):
-    """Real shapes (20b: 32 experts, 120b: 128); 8 tokens on 8 experts share every expert."""
-    check_routed(N, E=E, H=2880, I=2880, K=4, device="cuda", seed=30 + N)
-
-
-@gpu_only
 @pytest.mark.parametrize("path", ["gemv", "gemm"])
 def test_gpu_residual(path):
     check_residual(5, "cuda", path)
@@ -361,16 +327,6 @@ def test_gpu_skewed_routing():
     check_skewed_routing("auto", seed=5)
 
 
-def captured(call):
-    """call() run once (compiling and autotuning), then captured in a CUDA graph -> (graph, its output)."""
-    call()
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = call()
-    return graph, out
-
-
 @gpu_only
 @pytest.mark.parametrize("N", [1, 16])
 def test_gpu_cuda_graph(N):
@@ -379,29 +335,16 @@ def test_gpu_cuda_graph(N):
     mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=7)
     x, w, ids = make_tokens(N, E, H, K, "cuda", seed=8)
     args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
-    graph, out = captured(lambda: moe_triton(x, w, ids, *args))
+    moe_triton(x, w, ids, *args)  # compile / autotune outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = moe_triton(x, w, ids, *args)
     x2, w2, ids2 = make_tokens(N, E, H, K, "cuda", seed=9)
     x.copy_(x2), w.copy_(w2), ids.copy_(ids2)
     graph.replay()
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
     assert rel_err(out, ref) <= 1e-2
-
-
-@gpu_only
-def test_gpu_cuda_graph_routed():
-    """The decode step's form (routing and combine inside the GEMV kernels) replays on new logits, twice."""
-    E, H, I, K = 32, 2880, 2880, 4
-    mlp1, b1, mlp2, b2 = make_layer(E, H, I, "cuda", seed=7)
-    x, _, _ = make_tokens(1, E, H, K, "cuda", seed=8)
-    logits = torch.randn(1, E, device="cuda").to(torch.bfloat16)
-    args = (mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0)
-    graph, out = captured(lambda: moe_triton_routed(x, logits, K, *args))
-    for seed in (9, 10):
-        logits.copy_(torch.randn(1, E, device="cuda").to(torch.bfloat16))
-        x.copy_(make_tokens(1, E, H, K, "cuda", seed=seed)[0])
-        graph.replay()
-        w, ids = route_triton(logits, K)
-        assert rel_err(out, moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)) <= 1e-2
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -5,9 +5,6 @@ kernels plus a separate reduce for gpt-oss's shapes (~2 TB/s, two launches); thi
 once with the next tile's loads issued before the current tile's math, in one launch. With `norm_scale` it also
 applies the RMSNorm that precedes the projection (attention's qkv), so that norm costs no launch: every program
 recomputes the row statistics of its few input rows, which is negligible next to its share of the weight.
-`add_norm_gemv` also takes the residual add before that norm (the MoE block's router: x + attention update,
-norm, gate), and its first program writes the sum and the normed rows the MoE kernels read: one launch where
-add + norm and the gate GEMV took two.
 
 Numerics equal the pure path's: the normed input is rounded to the activation dtype first (as RMSNorm returns
 it), products and sums are float32, the bias is added in float32 and the result rounded once.
@@ -31,29 +28,20 @@ def _load_w(W, rows, rmask, k0, K: tl.constexpr, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
-def _load_x(X, U, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NP: tl.constexpr, n_tok, stride_x, stride_u,
-            ADD: tl.constexpr):
-    """Inputs k0 .. k0 + BLOCK_K of the tokens (NP, BLOCK_K); with ADD, x + update rounded to x's dtype."""
+def _load_x(X, k0, K: tl.constexpr, BLOCK_K: tl.constexpr, NP: tl.constexpr, n_tok, stride_x):
     ks = k0 + tl.arange(0, BLOCK_K)
     t = tl.arange(0, NP)
-    mask = (t < n_tok)[:, None] & (ks < K)[None, :]
-    x = tl.load(X + t[:, None] * stride_x + ks[None, :], mask=mask, other=0.0)
-    if ADD:
-        u = tl.load(U + t[:, None] * stride_u + ks[None, :], mask=mask, other=0.0)
-        x = (x.to(tl.float32) + u.to(tl.float32)).to(X.dtype.element_ty)
-    return x
+    return tl.load(X + t[:, None] * stride_x + ks[None, :], mask=(t < n_tok)[:, None] & (ks < K)[None, :], other=0.0)
 
 
 @triton.jit
 def _gemv_kernel(
     X, W, B, Scale, Out,
-    U, Hout, Tout, T32out,  # ADD: update (N, K) in; x + update, its norm, and that in float32 (N, K) out
     n_tok, R, stride_x, stride_o, eps,
     K: tl.constexpr,
     NP: tl.constexpr,  # power of two >= n_tok
     HAS_BIAS: tl.constexpr,
     NORM: tl.constexpr,  # x is normed first: (x * rsqrt(mean(x^2) + eps) * scale) rounded to x's dtype
-    ADD: tl.constexpr,  # (with NORM) x + update is normed; program 0 writes it, its norm and that in float32
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
     PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
@@ -66,28 +54,22 @@ def _gemv_kernel(
     if HAS_BIAS:
         bias = tl.load(B + rows, mask=rmask, other=0.0).to(tl.float32)
     wait_for_prior_kernel(PDL)
-    x = _load_x(X, U, 0, K, BLOCK_K, NP, n_tok, stride_x, K, ADD)
+    x = _load_x(X, 0, K, BLOCK_K, NP, n_tok, stride_x)
     if NORM:  # per-token 1 / rms over the whole input row, loaded at once (one latency, not one per step)
         KP: tl.constexpr = triton.next_power_of_2(K)
-        xs = _load_x(X, U, 0, K, KP, NP, n_tok, stride_x, K, ADD).to(tl.float32)
+        cols = tl.arange(0, KP)
+        xs = tl.load(X + t[:, None] * stride_x + cols[None, :], mask=(t < n_tok)[:, None] & (cols < K)[None, :],
+                     other=0.0).to(tl.float32)
         inv = 1.0 / tl.sqrt_rn(tl.sum(xs * xs, 1) / K + eps)
     acc = tl.zeros((NP, BLOCK_R), tl.float32)
     for k0 in range(0, K, BLOCK_K):
         w_next = _load_w(W, rows, rmask, k0 + BLOCK_K, K, BLOCK_K)
-        x_next = _load_x(X, U, k0 + BLOCK_K, K, BLOCK_K, NP, n_tok, stride_x, K, ADD)
+        x_next = _load_x(X, k0 + BLOCK_K, K, BLOCK_K, NP, n_tok, stride_x)
         xf = x.to(tl.float32)
         if NORM:
             ks = k0 + tl.arange(0, BLOCK_K)
             gain = tl.load(Scale + ks, mask=ks < K, other=0.0).to(tl.float32)
-            normed = (xf * inv[:, None] * gain[None, :]).to(X.dtype.element_ty)
-            if ADD:
-                if tl.program_id(0) == 0:  # (N, K) contiguous outputs
-                    offs = t[:, None] * K + ks[None, :]
-                    mask = (t < n_tok)[:, None] & (ks < K)[None, :]
-                    tl.store(Hout + offs, x, mask=mask)
-                    tl.store(Tout + offs, normed, mask=mask)
-                    tl.store(T32out + offs, normed.to(tl.float32), mask=mask)
-            xf = normed.to(tl.float32)
+            xf = (xf * inv[:, None] * gain[None, :]).to(X.dtype.element_ty).to(tl.float32)
         acc += tl.sum(w.to(tl.float32)[None, :, :] * xf[:, None, :], 2)  # (NP, BLOCK_R)
         w, x = w_next, x_next
     if HAS_BIAS:
@@ -103,7 +85,7 @@ def _configs():
 
 
 # timings kept in Triton's on-disk cache: later processes skip the tuning
-_gemv = triton.autotune(_configs(), key=["R", "K", "NP", "NORM", "ADD"], cache_results=True)(_gemv_kernel)
+_gemv = triton.autotune(_configs(), key=["R", "K", "NP", "NORM"], cache_results=True)(_gemv_kernel)
 
 
 def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
@@ -112,26 +94,6 @@ def gemv(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None
     F.linear(x, weight, bias), or F.linear(rms_norm(x, norm_scale, eps), weight, bias) with norm_scale.
     config: fixed {"BLOCK_R", "BLOCK_K", "num_warps"} instead of autotuning (always used under TRITON_INTERPRET=1,
     where there is nothing to time)."""
-    out, = _launch(x, weight, bias, norm_scale, eps, config)
-    return out
-
-
-def add_norm_gemv(x: torch.Tensor, update: torch.Tensor, norm_scale: torch.Tensor, eps: float,
-                  weight: torch.Tensor, bias: torch.Tensor | None = None, *, config: dict | None = None):
-    """The MoE block's head for N <= GEMV_MAX_TOKENS tokens in one launch: h = x + update, t = rms_norm(h)
-    (as `gptoss.kernels.norm_triton.add_rms_norm` computes them) and F.linear(t, weight, bias) (the router)
-    -> (h, t, t in float32, logits), each (N, .) in x's dtype but the float32 copy."""
-    if update.shape != x.shape or update.dtype != x.dtype:
-        raise ValueError(f"add_norm_gemv: update {tuple(update.shape)} {update.dtype} does not match "
-                         f"x {tuple(x.shape)} {x.dtype}")
-    h, t = (torch.empty(x.shape, device=x.device, dtype=x.dtype) for _ in range(2))
-    t32 = torch.empty(x.shape, device=x.device, dtype=torch.float32)
-    logits, = _launch(x, weight, bias, norm_scale, eps, config, add=(update.contiguous(), h, t, t32))
-    return h, t, t32, logits
-
-
-def _launch(x, weight, bias, norm_scale, eps, config, add=None):
-    """Runs the GEMV kernel -> (out,). add: (update, h, t, t32) for add_norm_gemv (contiguous outputs)."""
     n, k = x.shape
     r = weight.shape[0]
     if n > GEMV_MAX_TOKENS or weight.shape[1] != k or not weight.is_contiguous() or x.stride(1) != 1:
@@ -139,13 +101,12 @@ def _launch(x, weight, bias, norm_scale, eps, config, add=None):
                          f"{GEMV_MAX_TOKENS} tokens")
     out = torch.empty((n, r), device=x.device, dtype=x.dtype)
     if n == 0:
-        return (out,)
-    update, h, t, t32 = add if add is not None else (x, x, x, x)  # unused without ADD: any tensor
+        return out
     args = (x, weight, weight if bias is None else bias, weight if norm_scale is None else norm_scale, out,
-            update, h, t, t32, n, r, x.stride(0), out.stride(0), eps)
+            n, r, x.stride(0), out.stride(0), eps)
     pdl = pdl_enabled(x)
-    meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None,
-                ADD=add is not None, PDL=pdl, launch_pdl=pdl)
+    meta = dict(K=k, NP=triton.next_power_of_2(n), HAS_BIAS=bias is not None, NORM=norm_scale is not None, PDL=pdl,
+                launch_pdl=pdl)
     if config is None and triton_interpreting():
         config = {"BLOCK_R": 64, "BLOCK_K": 128}
     if config is None:
@@ -154,4 +115,4 @@ def _launch(x, weight, bias, norm_scale, eps, config, add=None):
         _gemv_kernel[(triton.cdiv(r, config["BLOCK_R"]),)](*args, **meta, BLOCK_R=config["BLOCK_R"],
                                                            BLOCK_K=config["BLOCK_K"],
                                                            num_warps=config.get("num_warps", 4), num_stages=1)
-    return (out,)
+    return out

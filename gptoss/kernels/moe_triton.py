@@ -20,10 +20,8 @@ words) and decoded in registers from their bits (no lookup table); products and 
 
 Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.moe_mma` (Gluon), which serves
 2-256 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
-  * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 2 launches
-    (x in fp32, which the model's fused norm writes), no sort. A routes the pairs itself when given the router
-    logits (`moe_triton_routed`); in B, the program that writes a token's last expert output at a row block
-    (an atomic count of arrivals) combines the token's K outputs there, so the combine needs no launch.
+  * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
+    model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
     HBM once. Row-contiguous word tiles (coalesced), two FP4 codes -> an fp16 pair with ~5 integer ops
@@ -66,7 +64,6 @@ try:  # triton is optional (the `gpu` extra); the reference path never needs it
 
     from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
     from gptoss.kernels.rounding import round_to
-    from gptoss.kernels.route_triton import top_k_softmax
 
     HAS_TRITON = True
 except Exception:  # pragma: no cover - exercised only where triton is missing or broken
@@ -213,33 +210,6 @@ if HAS_TRITON:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _route_pairs(logits_ptr, rw_ptr, ids_ptr, M, E, store, K_ROUTE: tl.constexpr, MP: tl.constexpr,
-                     EP: tl.constexpr):
-        """Top-K routing of the tokens' router logits (N, E) (`top_k_softmax`), by pair -> ids (MP,) int32: the
-        expert of pair m = n * K + k (rank k of token n), -1 past M. With `store` (one program) it also writes each
-        pair's routing weight (in the logits' dtype) and expert id, which the kernels after it read."""
-        m = tl.arange(0, MP)
-        e = tl.arange(0, EP)
-        mm = m < M
-        n = tl.minimum(m, M - 1) // K_ROUTE  # padding pairs repeat the last token (finite rows, no NaN)
-        logits = tl.load(logits_ptr + n[:, None] * E + e[None, :], mask=(e < E)[None, :],
-                         other=-float("inf")).to(tl.float32)  # (MP, EP): each pair's token row
-        KP: tl.constexpr = triton.next_power_of_2(K_ROUTE)
-        p, top = top_k_softmax(logits, K_ROUTE, KP)  # (MP, KP)
-        rank = (m % K_ROUTE)[:, None] == tl.arange(0, KP)[None, :]
-        ids = tl.sum(tl.where(rank, top, 0), 1)
-        weights = tl.sum(tl.where(rank, p, 0.0), 1)
-        if store:
-            tl.store(rw_ptr + m, weights.to(rw_ptr.dtype.element_ty), mask=mm)
-            tl.store(ids_ptr + m, ids, mask=mm)
-        return tl.where(mm, ids, -1)
-
-    @triton.jit
-    def _pair_expert(ids, p):
-        """The expert of pair p from the pairs' ids (MP,) held in registers."""
-        return tl.sum(tl.where(tl.arange(0, ids.shape[0]) == p, ids, 0), 0)
-
-    @triton.jit
     def _first_of_expert(ids_ptr, i, M, MP: tl.constexpr):
         """(pair i is NOT the first pair routed to its expert, that expert). ids: (M,) flat expert ids."""
         e = tl.load(ids_ptr + i)
@@ -250,23 +220,18 @@ if HAS_TRITON:
     @triton.jit
     def _mlp1_swiglu_gemv_kernel(
         x_ptr,  # (N, H) float32 activations
-        ids_ptr,  # (M,) expert id of each pair (token * K + k), int32; written here with ROUTE
-        logits_ptr,  # (N, E) router logits (ROUTE)
-        rw_ptr,  # (M,) routing weight of each pair, written here (ROUTE)
+        ids_ptr,  # (M,) expert id of each pair (token * K + k), any int dtype
         w_ptr,  # (E, 2I, H/32, 4) int32 view of the packed blocks
         s_ptr,  # (E, 2I, H/32) uint8
         b_ptr,  # (E, 2I)
         act_ptr,  # (M, I) out, by pair
         M,
-        E,
         limit,
         H: tl.constexpr,
         I: tl.constexpr,
         K_ROUTE: tl.constexpr,
         ACT_DTYPE: tl.constexpr,  # the model's activation dtype (x arrives in float32): SwiGLU rounds through it
         MP: tl.constexpr,  # power of two >= M
-        EP: tl.constexpr,  # power of two >= E
-        ROUTE: tl.constexpr,  # route here from the logits (every program; program (0, 0) stores ids and weights)
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
@@ -274,13 +239,8 @@ if HAS_TRITON:
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
-        m = tl.arange(0, MP)
-        if ROUTE:
-            ids = _route_pairs(logits_ptr, rw_ptr, ids_ptr, M, E, (i == 0) & (j == 0), K_ROUTE, MP, EP)
-        else:
-            ids = tl.load(ids_ptr + m, mask=m < M, other=-1)
-        e = _pair_expert(ids, i)
-        if tl.sum(((ids == e) & (m < i)).to(tl.int32), 0) > 0:  # not the first pair routed to expert e
+        follower, e = _first_of_expert(ids_ptr, i, M, MP)
+        if follower:
             return
         R: tl.constexpr = 2 * BLOCK_U
         local = j * R + tl.arange(0, R)  # rows within the expert: 2u gate, 2u+1 linear
@@ -289,7 +249,7 @@ if HAS_TRITON:
         bias = tl.load(b_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         units = j * BLOCK_U + tl.arange(0, BLOCK_U)
         for p in range(i, M):  # every pair routed to expert e (the first is i)
-            if _pair_expert(ids, p) == e:
+            if tl.load(ids_ptr + p) == e:
                 tok = p // K_ROUTE  # (pair offsets stay in int32: the GEMV path serves small M)
                 h = _gemv_rows(w_ptr, s_ptr, rows, rmask, x_ptr + tok * H, H, BLOCK_K) + bias  # (R,)
                 glu, lin = tl.split(tl.reshape(h, (BLOCK_U, 2)))
@@ -303,23 +263,15 @@ if HAS_TRITON:
         w_ptr,  # (E, H, I/32, 4) int32 view of the packed blocks
         s_ptr,  # (E, H, I/32) uint8
         b_ptr,  # (E, H)
-        y_ptr,  # (M, H): expert output (with its bias), by pair
-        rw_ptr,  # (M,) routing weight of each pair
-        res_ptr,  # (N, H) residual (RESIDUAL)
-        out_ptr,  # (N, H) out: the routing-weighted sum of each token's expert outputs (+ residual)
-        count_ptr,  # (N * row blocks,) int32 zeros: arrivals of a token's pairs at a row block (left zero)
+        y_ptr,  # (M, H) out: expert output (with its bias), by pair
         M,
         H: tl.constexpr,
         I: tl.constexpr,
-        K_ROUTE: tl.constexpr,
         MP: tl.constexpr,
-        RESIDUAL: tl.constexpr,
         BLOCK_H: tl.constexpr,  # output rows per program
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
     ):
-        """Each pair's expert output rows, then the combine: the program that completes the K pairs of a token
-        at its row block (counted atomically) sums their outputs there, as `_combine_kernel` does."""
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
@@ -334,41 +286,27 @@ if HAS_TRITON:
             if tl.load(ids_ptr + p) == e:
                 y = _gemv_rows(w_ptr, s_ptr, rows, hmask, act_ptr + p * I, I, BLOCK_K) + bias
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
-                n = p // K_ROUTE
-                counter = count_ptr + n * tl.num_programs(1) + j
-                tl.debug_barrier()  # every thread's stores issued before the release below publishes them
-                if tl.atomic_add(counter, 1, sem="acq_rel") == K_ROUTE - 1:  # the token's last pair here
-                    tl.debug_barrier()
-                    # the other pairs' rows come from L2 (.cg): written by other programs of this launch
-                    _combine_rows(y_ptr, rw_ptr, res_ptr, out_ptr, n, hs, hmask, H, K_ROUTE, RESIDUAL, ".cg")
-                    tl.atomic_xchg(counter, 0)  # zero again for the next launch
 
     @triton.jit
-    def _combine_rows(y_ptr, rw_ptr, res_ptr, out_ptr, n, hs, hm, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                      RESIDUAL: tl.constexpr, CACHE: tl.constexpr):
-        """out[n, hs] = sum_k w(n, k) * y[pair, hs], pair = n * K + k, summed in float32 in a fixed order and cast
-        to out's dtype; RESIDUAL: out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's
-        dtype first, then the add). CACHE: the y loads' cache modifier."""
-        acc = tl.zeros((hs.shape[0],), dtype=tl.float32)
+    def _combine_kernel(y_ptr, rw_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
+                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out[n] = sum_k w(n, k) * y[pair], pair = n * K + k, summed in float32 in a fixed order and cast to
+        out's dtype (one launch instead of torch's sum + cast; no atomics, so deterministic). RESIDUAL:
+        out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add)."""
+        n = tl.program_id(0).to(tl.int64)
+        hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        hm = hs < H
+        wait_for_prior_kernel(PDL)
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K_ROUTE):
             p = n * K_ROUTE + k
-            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0, cache_modifier=CACHE).to(tl.float32)
+            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0).to(tl.float32)
             acc += tl.load(rw_ptr + p).to(tl.float32) * y
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
             out = (tl.load(res_ptr + n * H + hs, mask=hm, other=0.0).to(tl.float32) + out.to(tl.float32)).to(
                 out_ptr.dtype.element_ty)
         tl.store(out_ptr + n * H + hs, out, mask=hm)
-
-    @triton.jit
-    def _combine_kernel(y_ptr, rw_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """`_combine_rows` for token n = program 0 and one block of H (one launch instead of torch's sum + cast; no
-        atomics, so deterministic)."""
-        n = tl.program_id(0).to(tl.int64)
-        hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-        wait_for_prior_kernel(PDL)
-        _combine_rows(y_ptr, rw_ptr, res_ptr, out_ptr, n, hs, hs < H, H, K_ROUTE, RESIDUAL, "")
 
     # ------------------------------------------------------------------------------------------------------
     # Prefill: grouped GEMM. Grid (column blocks j, row tiles t): column blocks vary fastest, so the programs in
@@ -707,49 +645,6 @@ def _gemm_kernels(n: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scale
     return "gemm_triton"
 
 
-def _check_inputs(x, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, residual):
-    """Raises unless the expert tensors are MXFP4 stores matching x (N, H) (and residual, if any) -> (E, I)."""
-    if not HAS_TRITON:
-        raise RuntimeError("moe_triton needs triton")
-    H = x.shape[1]
-    E, R1, G1, _ = mlp1_blocks.shape
-    I = R1 // 2
-    if mlp1_blocks.dtype != torch.uint8 or mlp2_blocks.dtype != torch.uint8:
-        raise TypeError("MXFP4 blocks must be uint8")
-    if G1 * 32 != H or tuple(mlp2_blocks.shape) != (E, H, I // 32, 16) or I % 32 != 0:
-        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, mlp1 {tuple(mlp1_blocks.shape)}, "
-                         f"mlp2 {tuple(mlp2_blocks.shape)}")
-    if mlp1_scales.shape != mlp1_blocks.shape[:-1] or mlp2_scales.shape != mlp2_blocks.shape[:-1]:
-        raise ValueError("MXFP4 scales do not match blocks")
-    for t in (mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias):
-        if not t.is_contiguous():
-            raise ValueError("expert tensors must be contiguous")
-    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
-        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match "
-                         f"x {tuple(x.shape)} {x.dtype}")
-    return E, I
-
-
-def _resolve_path(path: str, x, mlp1_scales, mlp2_scales) -> str:
-    """moe_triton's `path` argument -> the kernels that run: "gemv" or one of the GEMMs."""
-    n = x.shape[0]
-    if path == "auto":
-        if gemv_serves(n):
-            return "gemv"
-        path = _gemm_kernels(n, x, mlp1_scales, mlp2_scales)
-        return "gemv" if path == "gemm_triton" and n <= DECODE_MAX_TOKENS else path
-    if path not in ("gemv", "gemm", "gemm_mma", "gemm_wgmma", "gemm_triton"):
-        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma' or 'gemm_triton', "
-                         f"got {path!r}")
-    if path == "gemm":
-        return _gemm_kernels(n, x, mlp1_scales, mlp2_scales)
-    if path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
-        raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
-    if path == "gemm_wgmma" and not _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
-        raise ValueError("the Hopper GEMM (gptoss.kernels.moe_wgmma) does not serve these inputs")
-    return path
-
-
 def moe_triton(
     x: torch.Tensor,
     weights: torch.Tensor,
@@ -785,22 +680,78 @@ def moe_triton(
     Contract: the K ids of one token are distinct (top-k gives that); the GEMV path relies on it.
     No host synchronization: the call can be captured in a CUDA graph (after a first, autotuning call).
     """
+    if not HAS_TRITON:
+        raise RuntimeError("moe_triton needs triton")
     N, H = x.shape
-    E, I = _check_inputs(x, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, residual)
     K = expert_ids.shape[1]
+    E, R1, G1, _ = mlp1_blocks.shape
+    I = R1 // 2
+    if mlp1_blocks.dtype != torch.uint8 or mlp2_blocks.dtype != torch.uint8:
+        raise TypeError("MXFP4 blocks must be uint8")
+    if G1 * 32 != H or tuple(mlp2_blocks.shape) != (E, H, I // 32, 16) or I % 32 != 0:
+        raise ValueError(f"shapes disagree: x {tuple(x.shape)}, mlp1 {tuple(mlp1_blocks.shape)}, "
+                         f"mlp2 {tuple(mlp2_blocks.shape)}")
+    if mlp1_scales.shape != mlp1_blocks.shape[:-1] or mlp2_scales.shape != mlp2_blocks.shape[:-1]:
+        raise ValueError("MXFP4 scales do not match blocks")
+    for t in (mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias):
+        if not t.is_contiguous():
+            raise ValueError("expert tensors must be contiguous")
     if N == 0:
         return torch.zeros_like(x)
     x = x.contiguous()
-    path = _resolve_path(path, x, mlp1_scales, mlp2_scales)
-    limit = float(swiglu_limit)
-    if path == "gemv":
-        return _moe_gemv(x, x_float32, K, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
-                         limit, residual, config, ids=expert_ids.reshape(-1).contiguous(),
-                         routing_weights=weights.reshape(-1).contiguous())
+    if residual is not None and (residual.shape != x.shape or residual.dtype != x.dtype):
+        raise ValueError(f"residual {tuple(residual.shape)} {residual.dtype} does not match "
+                         f"x {tuple(x.shape)} {x.dtype}")
     M = N * K
     dev = x.device
     interp = triton_interpreting()
+    limit = float(swiglu_limit)
 
+    if path == "auto":
+        if gemv_serves(N):
+            path = "gemv"
+        else:
+            path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
+            if path == "gemm_triton" and N <= DECODE_MAX_TOKENS:
+                path = "gemv"
+
+    if path == "gemv":
+        # no sort: each program scans the (few) expert ids itself; act and y are indexed by pair
+        ids = expert_ids.reshape(-1).contiguous()
+        MP = _next_pow2(M)
+        w1 = mlp1_blocks.view(torch.int32)  # (E, 2I, H/32, 4) words
+        w2 = mlp2_blocks.view(torch.int32)
+        # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a
+        # bf16 -> fp32 conversion in the kernel would cost ~1.5 instructions per weight element
+        xf = x.float() if x_float32 is None else x_float32
+        act = _empty((M, I), torch.float32, dev)
+        y = _empty((M, H), x.dtype, dev)  # expert outputs by pair, rounded as the pure path's F.linear rounds them
+        if config is None and not interp:
+            k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
+            c1 = c2 = {}
+        else:
+            c = {"BLOCK_U": 64, "BLOCK_H": 128, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
+            k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
+            c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+            c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
+        pdl = pdl_enabled(x)
+        k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
+            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
+            ACT_DTYPE=_TL_DTYPES[x.dtype],
+            launch_pdl=pdl, **c1)
+        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I,
+                                                         MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
+        return _combine(y, weights, residual, x.dtype)
+
+    if path not in ("gemm", "gemm_mma", "gemm_wgmma", "gemm_triton"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma' or 'gemm_triton', "
+                         f"got {path!r}")
+    if path == "gemm":
+        path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
+    elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
+    elif path == "gemm_wgmma" and not _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        raise ValueError("the Hopper GEMM (gptoss.kernels.moe_wgmma) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
     order, seg_end = group_pairs(expert_ids.reshape(-1), E)
     if path in ("gemm_mma", "gemm_wgmma"):
@@ -833,84 +784,6 @@ def moe_triton(
         act, order, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
         H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
     return _combine(y, weights, residual, x.dtype)
-
-
-def moe_triton_routed(x: torch.Tensor, router_logits: torch.Tensor, k: int, mlp1_blocks, mlp1_scales, mlp1_bias,
-                      mlp2_blocks, mlp2_scales, mlp2_bias, swiglu_limit: float, **kwargs) -> torch.Tensor:
-    """moe_triton(x, *route_triton(router_logits, k), ...): the MoE from the router logits (N, E). Where the GEMV
-    path serves (decode), its first kernel routes itself, as `route_triton` does (`top_k_softmax`): one launch
-    fewer. kwargs: moe_triton's."""
-    N = x.shape[0]
-    E, _ = _check_inputs(x, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
-                         kwargs.get("residual"))
-    if router_logits.shape != (N, E) or not 0 < k <= E:
-        raise ValueError(f"router logits {tuple(router_logits.shape)} for x {tuple(x.shape)} and {E} experts "
-                         f"(k={k})")
-    if N == 0 or _resolve_path(kwargs.get("path", "auto"), x, mlp1_scales, mlp2_scales) != "gemv":
-        from gptoss.kernels.route_triton import route_triton
-
-        weights, ids = route_triton(router_logits, k)
-        return moe_triton(x, weights, ids, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
-                          mlp2_bias, swiglu_limit, **kwargs)
-    unknown = set(kwargs) - {"residual", "x_float32", "path", "config", "denorm"}
-    if unknown:
-        raise TypeError(f"unexpected arguments {sorted(unknown)}")
-    return _moe_gemv(x.contiguous(), kwargs.get("x_float32"), k, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks,
-                     mlp2_scales, mlp2_bias, float(swiglu_limit), kwargs.get("residual"), kwargs.get("config"),
-                     router_logits=router_logits.contiguous())
-
-
-def _moe_gemv(x, x_float32, K, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias, limit,
-              residual, config, *, ids=None, routing_weights=None, router_logits=None) -> torch.Tensor:
-    """The GEMV path (see the module docstring) in two launches: mlp1 (routing the pairs itself from
-    router_logits, or given their ids and routing_weights, (M,) each) and mlp2 with the combine."""
-    N, H = x.shape
-    E, R1 = mlp1_blocks.shape[:2]
-    I = R1 // 2
-    M = N * K
-    dev = x.device
-    route = router_logits is not None
-    if route:  # written by mlp1's first program
-        ids = torch.empty(M, dtype=torch.int32, device=dev)
-        routing_weights = torch.empty(M, dtype=router_logits.dtype, device=dev)
-    # fp32 activations: a thread multiplies each activation it loads into only one weight row, so a bf16 -> fp32
-    # conversion in the kernel would cost ~1.5 instructions per weight element
-    xf = x.float() if x_float32 is None else x_float32
-    act = _empty((M, I), torch.float32, dev)
-    y = _empty((M, H), x.dtype, dev)  # expert outputs by pair, rounded as the pure path's F.linear rounds them
-    out = _empty((N, H), x.dtype, dev)  # every row written by the program completing it (tests poison it)
-    if config is None and not triton_interpreting():
-        k1, k2 = _tuned("mlp1_gemv"), _tuned("mlp2_gemv")
-        c1 = c2 = {}
-    else:
-        c = {"BLOCK_U": 64, "BLOCK_H": 128, "BLOCK_K": 256, "num_warps": 4, **(config or {})}
-        k1, k2 = _mlp1_swiglu_gemv_kernel, _mlp2_gemv_kernel
-        c1 = {"BLOCK_U": c["BLOCK_U"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
-        c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
-    pdl = pdl_enabled(x)
-    MP = _next_pow2(M)
-    k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
-        xf, ids, router_logits if route else ids, routing_weights, mlp1_blocks.view(torch.int32), mlp1_scales,
-        mlp1_bias, act, M, E, limit, H=H, I=I, K_ROUTE=K, ACT_DTYPE=_TL_DTYPES[x.dtype], MP=MP, EP=_next_pow2(E),
-        ROUTE=route, PDL=pdl, launch_pdl=pdl, **c1)
-    k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](
-        act, ids, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, routing_weights,
-        out if residual is None else residual.contiguous(), out, _arrival_counters(dev, N * H), M, H=H, I=I,
-        K_ROUTE=K, MP=MP, RESIDUAL=residual is not None, PDL=pdl, launch_pdl=pdl, **c2)
-    return out
-
-
-_COUNTERS: dict = {}
-
-
-def _arrival_counters(device: torch.device, size: int) -> torch.Tensor:
-    """At least `size` int32 zeros on device for `_mlp2_gemv_kernel`'s arrival counts, which it leaves zero: one
-    buffer per device and size, allocated once (also outside CUDA graph capture: the warm-up call allocates it),
-    so no memset a call. Kernels on one device must not use it from two streams at once."""
-    key = (device, size)
-    if key not in _COUNTERS:
-        _COUNTERS[key] = torch.zeros(size, dtype=torch.int32, device=device)
-    return _COUNTERS[key]
 
 
 # Pairs up to which one program groups them (_group_pairs_kernel; 256 tokens of 4 pairs); more go through torch.sort.

@@ -13,34 +13,23 @@ from gptoss.kernels.pdl import pdl_enabled, wait_for_prior_kernel
 
 
 @triton.jit
-def top_k_softmax(logits, K: tl.constexpr, KP: tl.constexpr):
-    """logits (R, EP) float32, -inf where masked -> (weights (R, KP) float32, ids (R, KP) int32): each row's K
-    largest in descending order (the lowest id among equal logits) and the softmax over them; columns k >= K
-    hold weight 0. The one routing rule of the GPU kernels (this module's and the fused MoE decode's)."""
-    EP: tl.constexpr = logits.shape[1]
-    e = tl.arange(0, EP)[None, :]
-    k = tl.arange(0, KP)[None, :]
-    top = tl.full((logits.shape[0], KP), -float("inf"), tl.float32)
-    top_ids = tl.zeros((logits.shape[0], KP), tl.int32)
-    for j in tl.static_range(K):  # K passes of (max, first index of the max, mask it out)
-        m = tl.max(logits, 1)[:, None]
-        i = tl.min(tl.where(logits == m, e, EP), 1)[:, None]
-        top = tl.where(k == j, m, top)
-        top_ids = tl.where(k == j, i, top_ids)
-        logits = tl.where(e == i, -float("inf"), logits)
-    p = tl.exp(top - tl.max(top, 1)[:, None])  # padding entries (k >= K) are exp(-inf) = 0
-    return p / tl.sum(p, 1)[:, None], top_ids
-
-
-@triton.jit
 def _route_kernel(Logits, Weights, Ids, stride_l, E, K: tl.constexpr, BLOCK_E: tl.constexpr,
                   BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     n = tl.program_id(0).to(tl.int64)
     wait_for_prior_kernel(PDL)
-    e = tl.arange(0, BLOCK_E)[None, :]
+    e = tl.arange(0, BLOCK_E)
     x = tl.load(Logits + n * stride_l + e, mask=e < E, other=-float("inf")).to(tl.float32)
-    p, top_ids = top_k_softmax(x, K, BLOCK_K)
-    k = tl.arange(0, BLOCK_K)[None, :]
+    k = tl.arange(0, BLOCK_K)
+    top = tl.full((BLOCK_K,), -float("inf"), tl.float32)
+    top_ids = tl.zeros((BLOCK_K,), tl.int32)
+    for j in tl.static_range(K):  # K passes of (max, first index of the max, mask it out)
+        m = tl.max(x, 0)
+        i = tl.min(tl.where(x == m, e, BLOCK_E), 0)
+        top = tl.where(k == j, m, top)
+        top_ids = tl.where(k == j, i, top_ids)
+        x = tl.where(e == i, -float("inf"), x)
+    p = tl.exp(top - tl.max(top, 0))  # padding entries (k >= K) are exp(-inf) = 0
+    p = p / tl.sum(p, 0)
     tl.store(Weights + n * K + k, p.to(Weights.dtype.element_ty), mask=k < K)
     tl.store(Ids + n * K + k, top_ids, mask=k < K)
 
