@@ -1,0 +1,156 @@
+"""Every Triton kernel the fast path launches builds for GPUs before Hopper (issue #3 point 6), checked on the CPU.
+
+A child process runs a tiny bf16 model through the GPU code paths under Triton's interpreter (a prefill with the
+grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE and split-K attention, the paged cache's
+batched step, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
+child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and
+sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off). A build proves that no sm_90-only
+instruction is required; it does not run the kernels. The Gluon kernels have their own build test
+(test_moe_mma_build.py); scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
+"""
+
+import importlib
+import inspect
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+ARCHS = (80, 89)
+_TENSOR_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int8": "i8",
+                 "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
+
+
+def _type(value) -> str:
+    """The Triton signature type of a non-constexpr kernel argument."""
+    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
+        return "*" + _TENSOR_TYPES[str(value.dtype).removeprefix("torch.")]
+    if isinstance(value, bool):
+        return "i1"
+    if isinstance(value, int):
+        return "i32" if -(2**31) <= value < 2**31 else "i64"
+    if isinstance(value, float):
+        return "fp32"
+    raise TypeError(f"unexpected kernel argument {value!r}")
+
+
+def _constant(value):
+    """A constexpr as JSON (Triton dtypes by name)."""
+    import triton.language as tl
+
+    return {"dtype": str(value)} if isinstance(value, tl.dtype) else value
+
+
+def record(path: str) -> None:
+    """Runs the fast paths under the interpreter and writes the kernel specializations they launched to path."""
+    import torch
+    from triton.runtime.interpreter import InterpretedFunction
+
+    launched = {}
+    run = InterpretedFunction.run
+
+    def recording_run(self, *args, grid, warmup, **kwargs):
+        params = inspect.signature(self.fn).parameters
+        bound = dict(zip(params, args), **{k: v for k, v in kwargs.items() if k in params})
+        signature, constants = {}, {}
+        for name, param in params.items():
+            value = bound.get(name, param.default)
+            if "constexpr" in str(param.annotation) or value is None:
+                constants[name] = _constant(value)
+            else:
+                signature[name] = _type(value)
+        spec = {"module": self.fn.__module__, "name": self.fn.__name__, "signature": signature,
+                "constants": constants, "num_warps": kwargs.get("num_warps", 4)}
+        launched[json.dumps(spec, sort_keys=True)] = spec
+        return run(self, *args, grid=grid, warmup=warmup, **kwargs)
+
+    InterpretedFunction.run = recording_run
+    import gptoss.model
+    from conftest import SMALL, random_model
+    from gptoss.cuda_cache import DecodeStep, TritonKVCache, TritonPagedKVCache
+    from gptoss.kernels.sample_triton import exponential_race
+
+    config = type(SMALL)(**{**SMALL.__dict__, "num_hidden_layers": 2})
+    model = random_model(config, dtype=torch.bfloat16)
+    gptoss.model.use_triton = lambda *tensors: True
+    tokens = torch.randint(0, config.vocab_size, (24,), generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        cache = TritonKVCache(config, context_length=len(tokens), dtype=torch.bfloat16)
+        model(tokens[:20], cache.reserve(20), cache)
+        for i in range(20, 22):
+            logits = model(tokens[i : i + 1], cache.reserve(1), cache)
+        paged = TritonPagedKVCache(config, num_blocks=8, block_size=4, dtype=torch.bfloat16)
+        tables = [[0, 1, 2], [3, 4, 5]]
+        model(tokens[:14], paged.prepare([(t, 0, 7) for t in tables]), paged, logits_rows=torch.tensor([6, 13]))
+        paged.finish()
+        step = DecodeStep(paged, max_batch=2, max_context=12)
+        step.fill([(t, 7, 8) for t in tables], batch=2)
+        paged.decode_step = step.view(2)
+        model(tokens[7:9], paged.decode_step.positions, paged)
+        paged.decode_step = None
+        exponential_race(logits.float(), 1.0, torch.tensor([1]), torch.tensor([0]))
+    with open(path, "w") as f:
+        json.dump(list(launched.values()), f)
+
+
+def _jit_function(module: str, name: str):
+    """The JITFunction of a kernel (unwrapping an autotuner)."""
+    obj = getattr(importlib.import_module(module), name)
+    return getattr(obj, "fn", obj) if not hasattr(obj, "arg_names") else obj
+
+
+def build(path: str, archs) -> None:
+    """Compiles every specialization recorded in path for each arch; raises on the first failure."""
+    import triton.language as tl
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, compile as triton_compile
+
+    with open(path) as f:
+        specs = json.load(f)
+    for spec in specs:
+        fn = _jit_function(spec["module"], spec["name"])
+        constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in spec["constants"].items()}
+        signature = {**spec["signature"], **{k: "constexpr" for k in constants}}
+        for arch in archs:
+            try:
+                compiled = triton_compile(ASTSource(fn, signature, constexprs=constants),
+                                          target=GPUTarget("cuda", arch, 32),
+                                          options={"num_warps": spec["num_warps"], "num_stages": 1})
+            except Exception as e:
+                raise RuntimeError(f"{spec['name']} for sm_{arch} ({constants}): {e}") from e
+            assert compiled.asm["cubin"], spec["name"]
+    print(f"{len(specs)} specializations of {len({s['name'] for s in specs})} kernels built for sm_{archs}")
+
+
+def _child(*args, interpret: bool) -> str:
+    import gptoss
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    root = os.path.dirname(os.path.dirname(gptoss.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.path.dirname(__file__), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
+def test_fast_path_kernels_build_before_hopper(tmp_path):
+    pytest.importorskip("triton")
+    specs = str(tmp_path / "specs.json")
+    _child("record", specs, interpret=True)
+    with open(specs) as f:
+        names = {s["name"] for s in json.load(f)}
+    # the kernels of a prefill, a decode step, the paged step and sampling were all seen
+    assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
+            "_race_kernel"} <= names, names
+    print(_child("build", specs, *map(str, ARCHS), interpret=False))
+
+
+if __name__ == "__main__":
+    if sys.argv[1] == "record":
+        record(sys.argv[2])
+    else:
+        build(sys.argv[2], [int(a) for a in sys.argv[3:]])
