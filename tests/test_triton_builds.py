@@ -2,7 +2,7 @@
 
 A child process runs a tiny bf16 model through the GPU code paths under Triton's interpreter (a prefill with the
 grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE and split-K attention, the paged cache's
-batched step, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
+batched step, split-K decode attention, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
 child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and
 sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off). A build proves that no sm_90-only
 instruction is required; it does not run the kernels. The Gluon kernels have their own build test
@@ -70,6 +70,7 @@ def record(path: str) -> None:
     import gptoss.model
     from conftest import SMALL, random_model
     from gptoss.cuda_cache import DecodeStep, TritonKVCache, TritonPagedKVCache
+    from gptoss.kernels.attention_triton import decode_attention
     from gptoss.kernels.sample_triton import exponential_race
 
     config = type(SMALL)(**{**SMALL.__dict__, "num_hidden_layers": 2})
@@ -91,6 +92,11 @@ def record(path: str) -> None:
         model(tokens[7:9], paged.decode_step.positions, paged)
         paged.decode_step = None
         exponential_race(logits.float(), 1.0, torch.tensor([1]), torch.tensor([0]))
+        heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+        q = torch.randn(1, heads, dim, dtype=torch.bfloat16)  # a split key range: partials and their combine
+        keys = torch.randn(1, 32, kv_heads, dim, dtype=torch.bfloat16)
+        decode_attention(q, keys, keys, torch.zeros(heads), torch.tensor([32], dtype=torch.int32), None, 0.125,
+                         num_splits=2, block_n=16)
     with open(path, "w") as f:
         json.dump(list(launched.values()), f)
 
@@ -145,7 +151,7 @@ def test_fast_path_kernels_build_before_hopper(tmp_path):
         names = {s["name"] for s in json.load(f)}
     # the kernels of a prefill, a decode step, the paged step and sampling were all seen
     assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
-            "_race_kernel"} <= names, names
+            "_decode_combine_kernel", "_race_kernel"} <= names, names
     print(_child("build", specs, *map(str, ARCHS), interpret=False))
 
 
