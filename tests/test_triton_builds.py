@@ -4,7 +4,8 @@ A child process runs a tiny bf16 model through the GPU code paths under Triton's
 grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE and split-K attention, the paged cache's
 batched step, split-K decode attention, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
 child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and
-sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off). A build proves that no sm_90-only
+sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off, the interpreter's float32
+stand-ins for the MMAs off, the MoE GEMM also with its tl.dot_scaled tiles). A build proves that no sm_90-only
 instruction is required; it does not run the kernels. The Gluon kernels have their own build test
 (test_moe_mma_build.py); scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
 """
@@ -107,14 +108,31 @@ def _jit_function(module: str, name: str):
     return getattr(obj, "fn", obj) if not hasattr(obj, "arg_names") else obj
 
 
+# Constexprs that the interpreter sets its own way: its float32 stand-ins for the MMAs (attention's F32, the MoE
+# GEMM's DOT_F32) are off on a GPU.
+GPU_CONSTANTS = {"F32": False, "DOT_F32": False}
+
+
+def _as_gpu_launches(spec: dict) -> list[dict]:
+    """The recorded specialization with GPU_CONSTANTS; for the MoE grouped GEMM with bf16 activations also its
+    tl.dot_scaled form (SCALED), which the autotuner tries there and the interpreter cannot run."""
+    constants = {k: GPU_CONSTANTS.get(k, v) for k, v in spec["constants"].items()}
+    out = [{**spec, "constants": constants}]
+    activations = spec["signature"].get("x_ptr", spec["signature"].get("act_ptr"))
+    if "SCALED" in constants and activations == "*bf16":
+        out.append({**spec, "constants": {**constants, "SCALED": True}})
+    return out
+
+
 def build(path: str, archs) -> None:
-    """Compiles every specialization recorded in path for each arch; raises on the first failure."""
+    """Compiles every specialization recorded in path, as a GPU launches it, for each arch; raises on the first
+    failure."""
     import triton.language as tl
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
     with open(path) as f:
-        specs = json.load(f)
+        specs = [launch for spec in json.load(f) for launch in _as_gpu_launches(spec)]
     for spec in specs:
         fn = _jit_function(spec["module"], spec["name"])
         constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in spec["constants"].items()}
