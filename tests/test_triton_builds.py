@@ -5,7 +5,8 @@ grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE and split-K
 batched step, split-K decode attention, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
 child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and
 sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off, the interpreter's float32
-stand-ins for the MMAs off, the MoE GEMM also with its tl.dot_scaled tiles). A build proves that no sm_90-only
+stand-ins for the MMAs off, the MoE GEMM also with its tl.dot_scaled tiles), and for sm_90 with PDL on, as the
+H100 runs them (so a CPU test run also catches a Hopper build broken between GPU sessions). A build proves that no sm_90-only
 instruction is required; it does not run the kernels. The Gluon kernels have their own build test
 (test_moe_mma_build.py); scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
 """
@@ -19,7 +20,7 @@ import sys
 
 import pytest
 
-ARCHS = (80, 89)
+ARCHS = (80, 89, 90)
 _TENSOR_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int8": "i8",
                  "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
 
@@ -138,6 +139,8 @@ def build(path: str, archs) -> None:
         constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in spec["constants"].items()}
         signature = {**spec["signature"], **{k: "constexpr" for k in constants}}
         for arch in archs:
+            if "PDL" in constants:  # pdl_enabled: sm_90 and later
+                constants["PDL"] = arch >= 90
             try:
                 compiled = triton_compile(ASTSource(fn, signature, constexprs=constants),
                                           target=GPUTarget("cuda", arch, 32),
