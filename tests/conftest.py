@@ -74,6 +74,25 @@ def interrupt(proc, seconds: float) -> int:
         raise
 
 
+def run_test_script(path: str, *args, interpret: bool = False, timeout: float = 900) -> str:
+    """Runs a test file as a script in a child process (gptoss importable from where this process imports it, and
+    the test modules too), with Triton's interpreter on or off whatever this session uses: the build tests compile
+    for CUDA targets, which the interpreter does not. Fails with the child's stderr; returns its stdout."""
+    import subprocess
+    import sys
+
+    import gptoss
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    if interpret:
+        env["TRITON_INTERPRET"] = "1"
+    root = os.path.dirname(os.path.dirname(gptoss.__file__))
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.path.dirname(path), env.get("PYTHONPATH")]))
+    done = subprocess.run([sys.executable, path, *args], env=env, capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return done.stdout
+
+
 def require_triton_device():
     """For kernel test modules: skips the module unless Triton runs on a CUDA GPU or in the interpreter; returns
     the triton module."""

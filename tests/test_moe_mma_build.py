@@ -8,8 +8,6 @@ The kernels' numerics are tested on the GPU (tests/test_moe_triton.py). The buil
 the CPU test session puts Triton in interpreter mode, which compiles nothing.
 """
 
-import os
-import subprocess
 import sys
 
 import pytest
@@ -62,25 +60,15 @@ def build_wgmma() -> None:
     build(moe_wgmma._gather_permuted_kernel, dict(H=H, HP=HP, K_ROUTE=4, ROWS=16), 90, 4)
 
 
-def run_child(*args):
-    """Runs this file's builds in a child process without the interpreter flag."""
-    import gptoss
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    # the child imports gptoss from where this process does (also from a checkout that is not installed)
-    root = os.path.dirname(os.path.dirname(gptoss.__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-
-
 def test_wgmma_builds_for_hopper():
     pytest.importorskip("triton")
     from gptoss.kernels import moe_wgmma
 
     if not moe_wgmma.HAS_WGMMA:
         pytest.skip("this Triton has no Gluon Hopper API (moe_wgmma does not serve)")
-    run_child("wgmma")
+    from conftest import run_test_script  # not at import: the child runs this file without the test session
+
+    run_test_script(__file__, "wgmma", timeout=600)
 
 
 @pytest.mark.parametrize("arch", [80, 86, 89, 90])
@@ -90,7 +78,9 @@ def test_builds_for_arch(arch):
 
     if not moe_mma.HAS_GLUON:
         pytest.skip("this Triton has no Gluon (moe_mma does not serve)")
-    run_child(str(arch))
+    from conftest import run_test_script
+
+    run_test_script(__file__, str(arch), timeout=600)
 
 
 if __name__ == "__main__":

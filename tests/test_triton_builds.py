@@ -1,41 +1,24 @@
 """Every Triton kernel the fast path launches builds for GPUs before Hopper (issue #3 point 6), checked on the CPU.
 
 A child process runs a tiny bf16 model through the GPU code paths under Triton's interpreter (a prefill with the
-grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE and split-K attention, the paged cache's
-batched step, split-K decode attention, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A second
-child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and
-sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off, the interpreter's float32
-stand-ins for the MMAs off, the MoE GEMM also with its tl.dot_scaled tiles), and for sm_90 with PDL on, as the
-H100 runs them (so a CPU test run also catches a Hopper build broken between GPU sessions). A build proves that no sm_90-only
-instruction is required; it does not run the kernels. The Gluon kernels have their own build test
-(test_moe_mma_build.py); scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
+grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE, the paged cache's batched step, split-K
+decode attention, keyed sampling) and records each kernel launch: its argument types, constexprs and warps. A
+second child, without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80
+(A100) and sm_89 (L4, RTX 40xx) as those GPUs launch it (programmatic dependent launch off, the interpreter's
+float32 stand-ins for the MMAs off, the MoE GEMM also with its tl.dot_scaled tiles), and for sm_90 with PDL on,
+as the H100 runs them (so a CPU test run also catches a Hopper build broken between GPU sessions). A build proves
+that no sm_90-only instruction is required; it does not run the kernels. The Gluon kernels have their own build
+test (test_moe_mma_build.py); scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
 """
 
 import importlib
 import inspect
 import json
-import os
-import subprocess
 import sys
 
 import pytest
 
 ARCHS = (80, 89, 90)
-_TENSOR_TYPES = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float64": "fp64", "int8": "i8",
-                 "int16": "i16", "int32": "i32", "int64": "i64", "uint8": "u8", "bool": "i1"}
-
-
-def _type(value) -> str:
-    """The Triton signature type of a non-constexpr kernel argument."""
-    if hasattr(value, "dtype") and hasattr(value, "data_ptr"):
-        return "*" + _TENSOR_TYPES[str(value.dtype).removeprefix("torch.")]
-    if isinstance(value, bool):
-        return "i1"
-    if isinstance(value, int):
-        return "i32" if -(2**31) <= value < 2**31 else "i64"
-    if isinstance(value, float):
-        return "fp32"
-    raise TypeError(f"unexpected kernel argument {value!r}")
 
 
 def _constant(value):
@@ -49,6 +32,7 @@ def record(path: str) -> None:
     """Runs the fast paths under the interpreter and writes the kernel specializations they launched to path."""
     import torch
     from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import mangle_type  # the type Triton's launcher gives an argument
 
     launched = {}
     run = InterpretedFunction.run
@@ -62,7 +46,7 @@ def record(path: str) -> None:
             if "constexpr" in str(param.annotation) or value is None:
                 constants[name] = _constant(value)
             else:
-                signature[name] = _type(value)
+                signature[name] = mangle_type(value)
         spec = {"module": self.fn.__module__, "name": self.fn.__name__, "signature": signature,
                 "constants": constants, "num_warps": kwargs.get("num_warps", 4)}
         launched[json.dumps(spec, sort_keys=True)] = spec
@@ -105,8 +89,10 @@ def record(path: str) -> None:
 
 def _jit_function(module: str, name: str):
     """The JITFunction of a kernel (unwrapping an autotuner)."""
+    from triton.runtime.autotuner import Autotuner
+
     obj = getattr(importlib.import_module(module), name)
-    return getattr(obj, "fn", obj) if not hasattr(obj, "arg_names") else obj
+    return obj.fn if isinstance(obj, Autotuner) else obj
 
 
 # Constexprs that the interpreter sets its own way: its float32 stand-ins for the MMAs (attention's F32, the MoE
@@ -151,29 +137,18 @@ def build(path: str, archs) -> None:
     print(f"{len(specs)} specializations of {len({s['name'] for s in specs})} kernels built for sm_{archs}")
 
 
-def _child(*args, interpret: bool) -> str:
-    import gptoss
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    if interpret:
-        env["TRITON_INTERPRET"] = "1"
-    root = os.path.dirname(os.path.dirname(gptoss.__file__))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, os.path.dirname(__file__), env.get("PYTHONPATH")]))
-    done = subprocess.run([sys.executable, __file__, *args], env=env, capture_output=True, text=True, timeout=900)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return done.stdout
-
-
 def test_fast_path_kernels_build_before_hopper(tmp_path):
     pytest.importorskip("triton")
+    from conftest import run_test_script  # not at import: the build child runs this file without the interpreter
+
     specs = str(tmp_path / "specs.json")
-    _child("record", specs, interpret=True)
+    run_test_script(__file__, "record", specs, interpret=True)
     with open(specs) as f:
         names = {s["name"] for s in json.load(f)}
-    # the kernels of a prefill, a decode step, the paged step and sampling were all seen
+    # the kernels of a prefill, a decode step, the paged step, split-K attention and sampling were all seen
     assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
             "_decode_combine_kernel", "_race_kernel"} <= names, names
-    print(_child("build", specs, *map(str, ARCHS), interpret=False))
+    print(run_test_script(__file__, "build", specs, *map(str, ARCHS)))
 
 
 if __name__ == "__main__":
