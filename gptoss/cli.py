@@ -31,14 +31,19 @@ def _checkpoint_or_demo(checkpoint: str | None, announce: bool = True) -> str:
 def load_model_from_args(args, folder: str | None = None, shard=None):
     """Loads args.checkpoint (or `folder`, or the demo) as the model commands' shared options say, whole or as
     `shard` (a gptoss.parallel.Shard) says. Returns (model, device); prints the load time on stderr."""
+    import torch
+
     from gptoss.checkpoint import load_model
     from gptoss.parallel import SINGLE, local_device
 
     shard = shard or SINGLE
     device = str(local_device(args.device or _default_device()))
+    if args.dtype != "bfloat16" and device != "cpu":
+        raise GptOssError(f"--dtype {args.dtype} runs on the CPU only: the GPU kernels compute in bfloat16")
     started = time.perf_counter()
-    model = load_model(folder or _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0), device=device,
-                       dequantize=args.dequantize, progress=None if shard.rank == 0 else False, shard=shard)
+    folder = folder or _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0)
+    model = load_model(folder, device=device, dtype=getattr(torch, args.dtype), dequantize=args.dequantize,
+                       progress=None if shard.rank == 0 else False, shard=shard)
     if args.adapter:
         from gptoss.lora import load_adapter
 
@@ -54,6 +59,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
                         "default: the built-in demo checkpoint")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--context", type=int, default=None, help="KV cache context length (default 8192)")
+    parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
+                        help="parameters' and activations' dtype; float32 (CPU only) for checks against the reference")
     parser.add_argument("--dequantize", action="store_true", help="store MXFP4 experts as dense bf16 at load")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (gptoss finetune) merged at load")
 
@@ -245,7 +252,8 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--batch-size", type=int, default=1, help="examples per optimizer step (default 1)")
     tune.add_argument("--max-length", type=int, default=4096, help="longest example in tokens (default 4096)")
     tune.add_argument("--seed", type=int, default=0)
-    tune.set_defaults(func=_lazy("gptoss.finetune", "cmd_finetune"), context=None, dequantize=False, adapter=None)
+    tune.set_defaults(func=_lazy("gptoss.finetune", "cmd_finetune"), context=None, dtype="bfloat16",
+                      dequantize=False, adapter=None)
     return parser
 
 

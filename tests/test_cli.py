@@ -51,6 +51,15 @@ def test_prompt_longer_than_the_context(tmp_path):
     assert result.stdout == ""
 
 
+def test_float32_is_for_the_cpu(tmp_path):
+    env = {"XDG_CACHE_HOME": str(tmp_path)}
+    on_cpu = gptoss("generate", "-p", "Hello", "-n", "4", "--seed", "0", "--dtype", "float32", env=env)
+    assert on_cpu.returncode == 0 and on_cpu.stdout.startswith("Hello"), on_cpu.stderr
+    on_gpu = gptoss("generate", "-p", "Hello", "-n", "4", "--dtype", "float32", "--device", "cuda", env=env)
+    assert on_gpu.returncode == 2 and on_gpu.stderr.strip().splitlines()[-1] == (
+        "gptoss: error: --dtype float32 runs on the CPU only: the GPU kernels compute in bfloat16")
+
+
 def test_serve_refuses_a_busy_port_before_loading(tmp_path):
     import socket
 
