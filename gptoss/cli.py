@@ -61,7 +61,8 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--context", type=int, default=None, help="KV cache context length (default 8192)")
     parser.add_argument("--dtype", choices=("bfloat16", "float32"), default="bfloat16",
                         help="parameters' and activations' dtype; float32 (CPU only) for checks against the reference")
-    parser.add_argument("--dequantize", action="store_true", help="store MXFP4 experts as dense bf16 at load")
+    parser.add_argument("--dequantize", action="store_true",
+                        help="store MXFP4 experts as dense --dtype weights at load")
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (gptoss finetune) merged at load")
 
 

@@ -4,16 +4,11 @@ that reads come from HBM, not L2; one row times the autotuned GEMV on a single c
 L2 where it fits: what prefetching it into L2 under the step's small kernels could buy at most).
 Usage: python scripts/bench_linear.py"""
 
-import os
-import sys
-
 import torch
 import torch.nn.functional as F
 import triton
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
-
-from gptoss.kernels.linear_triton import _configs, gemv  # noqa: E402
+from gptoss.kernels.linear_triton import _configs, gemv
 
 SHAPES = {"qkv (+norm)": (5120, 2880, True), "out": (2880, 4096, False), "gate": (32, 2880, False),
           "unembedding": (201088, 2880, False)}

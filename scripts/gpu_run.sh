@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check run on the device machine: GPU tests, then the benchmarks recorded in the README.
-# Usage: bash scripts/gpu_run.sh [tests|kernel-tests|moe-bench|profile|profile-engine|bench20|bench120|serve|finetune|archs]...   (logs under $OUT, default ./out)
+# Usage: bash scripts/gpu_run.sh [tests|kernel-tests|moe-bench|linear-bench|profile|profile-engine|bench20|bench120|serve|finetune|archs]...   (logs under $OUT, default ./out)
 set -uo pipefail
 OUT=${OUT:-out}
 mkdir -p "$OUT"
@@ -12,6 +12,7 @@ for step in "$@"; do
     kernel-tests) python3 -m pytest -q tests/test_attention_triton.py tests/test_moe_triton.py \
              tests/test_dense_triton.py tests/test_decode_step.py 2>&1 | tee "$OUT/kernel-tests.log" | tail -n 5 ;;
     moe-bench) python3 scripts/bench_moe.py 2>&1 | tee "$OUT/moe-bench.log" | tail -n 30 ;;
+    linear-bench) python3 scripts/bench_linear.py 2>&1 | tee "$OUT/linear-bench.log" | tail -n 30 ;;
     profile) python3 scripts/profile_decode.py 2>&1 | tee "$OUT/profile.log" | tail -n 40 ;;
     profile-engine) python3 scripts/profile_engine_step.py 2>&1 | tee "$OUT/profile-engine.log" | tail -n 30 ;;
     bench20) python3 -m gptoss.cli bench --preset gpt-oss-20b --compare hf --json "$OUT/bench20.json" \
