@@ -31,7 +31,7 @@ and sums on the tensor cores, outputs rounded as the other GEMMs round them.
 
 Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
 Status: opt-in (GPTOSS_MOE_GEMM=wgmma): correct on the GPU, but on an H100 no faster than `moe_triton`'s GEMM
-(a 20b layer call at 1,024 tokens 1,071 against 1,063 us, at 8,192 6.76 against 5.60 ms; README, "Speed").
+(a 20b layer call at 1,024 tokens 1,071 against 1,063 us, at 8,192 6.76 against 5.60 ms; docs/performance.md).
 """
 
 from __future__ import annotations
