@@ -15,9 +15,12 @@ checkpoint stores them:
     applies the block scale too. Exact: every product is a bf16 value (scale bytes up to MAX_SCALE_BYTE; `moe_triton`
     checks each scale tensor once and keeps its own GEMM for any other).
   * The decode pairs bytes (0, 2) and (1, 3) of the word, so a lane's 8 inputs come out in the order
-    0, 4, 2, 6, 1, 5, 3, 7; the activations of the same 8 inputs, loaded as 8 consecutive bf16 a lane, are
+    0, 4, 2, 6, 1, 5, 3, 7; the activations of the same 8 inputs, read as 8 consecutive bf16 a lane, are
     permuted in registers to that order (a few byte permutes, shared by all of the warp's row tiles). The MMA sums
     over k in any order.
+  * A step's activations (T tokens x 128 inputs) are copied once for the whole CTA into shared memory by
+    `cp.async`, two steps ahead (four buffers), and every warp reads its MMA operands from there; the packed
+    weights go straight to registers, one step ahead, with an L2 prefetch hint two steps before that.
   * Products and sums are fp32 in the tensor cores; the output is rounded as `moe_triton`'s GEMM rounds it.
 
 Grid, tiles and outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, each program one block
@@ -25,13 +28,14 @@ of weight rows times one tile of an expert's sorted rows), so `moe_triton` calls
 mlp1's tiles take the gate rows 2u in their first 8 rows of each 16 and the linear rows 2u + 1 in the next 8, so a
 lane holds both halves of a SwiGLU unit.
 
-Measured on the H200 (scripts/moe_crossover.py, 20b shapes, a layer call): faster than the CUDA-core GEMV from 2
-tokens (71.4 vs 77.0 us) and than `moe_triton`'s GEMM up to 256 (243 vs 291 us at 64 tokens, 466 vs 536 at 256),
-slower above (1276 vs 1010 us at 1024), so `moe_triton` runs it for 2-256 tokens (batched decode, short prefills).
-On the H100 with a whole step's activations loaded a step ahead: 149.5 / 201.1 / 219.9 / 228.2 / 286.1 / 425.6 us
-at 8 / 16 / 32 / 64 / 128 / 256 tokens against the Triton GEMM's 185.4 / 239.6 / 272.5 / 274.9 / 343.3 / 444.3.
-At the larger sizes nothing is staged in shared memory: every warp reads the activations from L1 / L2 one step
-ahead, and what bounds it there has not been profiled.
+Measured on the H200 (20b shapes, a layer call, CUDA-graph timed): faster than the CUDA-core GEMV from 2 tokens
+(71.4 vs 77.0 us, scripts/moe_crossover.py) and than `moe_triton`'s autotuned GEMM up to 512 tokens; with the
+activations in shared memory, fixed tiles (R rows, T tokens, warps; timed as `scripts/moe_tiles.py --kernel mma`
+times them) against that GEMM: 64 tokens 201.2 us
+(128, 16, 4) vs 259.9, 256: 361.8 (128, 32, 4) vs 438.6, 512: 609.7 (128, 32, 4) vs 653.9, 1024: 1032.4
+(128, 64, 4) vs 1017.2. Each warp loading the activations itself through L1 (the form before) took 203.2, 424.0
+(128, 32, 4) and 1444.7 us at 64, 256 and 1024 tokens. So `moe_triton` runs it for 2-512 tokens (batched decode,
+short prefills).
 
 Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
 path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
@@ -48,9 +52,13 @@ try:  # Gluon's API is experimental: any mismatch disables this path, never the 
     import triton
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.ampere import mma_v2
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
     from gptoss.kernels.moe_triton import _swiglu
+
+    # names that changed after Triton 3.6 (the GPU machine's): the CTA barrier (barrier) and cp.async (async_load)
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
+    _copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
     HAS_GLUON = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -232,64 +240,116 @@ if HAS_GLUON:
         gl.inline_asm_elementwise("prefetch.global.L2 [$1];", "=r,l", [ptrs], dtype=gl.int32, is_pure=False,
                                   pack=1)
 
+    @gluon.constexpr_function
+    def _copy_layout(nw):
+        """(T, 128) activation tiles as copied to shared memory: 16 bytes a thread, 16 threads a 256-byte row."""
+        return gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])
+
+    @gluon.constexpr_function
+    def _staged_layout(t, nw):
+        """(T, 128) a step's activations as each warp reads them from shared memory: lane (g, t) holds columns
+        32t .. 32t+31 (its block of the step) of tokens g, g + 8, ...; every warp holds the same."""
+        reps = [[8 << n, 0] for n in range(_log2(t // 8))]
+        return gl.DistributedLinearLayout(reg_bases=[[0, 1], [0, 2], [0, 4], [0, 8], [0, 16]] + reps,
+                                          lane_bases=[[0, 32], [0, 64], [1, 0], [2, 0], [4, 0]],
+                                          warp_bases=[[0, 0] for _ in range(_log2(nw))], block_bases=[],
+                                          shape=[t, 128])
+
     @gluon.jit
-    def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr,
+    def _shared_pairs(buf, NW: gl.constexpr):
+        """A step's activations (T, 128) in shared memory -> the (T, 32) activations of MMA pairs 0 .. 3 in
+        `_acts_layout` (pair p, column 8t + j: input 32t + 8p + j of the step)."""
+        T: gl.constexpr = buf.shape[0]
+        xv = buf.load(_staged_layout(T, NW))
+        # (T, 128) = (T, 4 t, 4 p, 8 j) -> (T, 4 t, 8 j, 4 p): the pair index in registers, last
+        x0, x1, x2, x3 = _split4(gl.permute(gl.reshape(xv, [T, 4, 4, 8]), [0, 1, 3, 2]))
+        xl: gl.constexpr = _acts_layout(T, NW)
+        return (gl.convert_layout(gl.reshape(x0, [T, 32]), xl, assert_trivial=True),
+                gl.convert_layout(gl.reshape(x1, [T, 32]), xl, assert_trivial=True),
+                gl.convert_layout(gl.reshape(x2, [T, 32]), xl, assert_trivial=True),
+                gl.convert_layout(gl.reshape(x3, [T, 32]), xl, assert_trivial=True))
+
+    @gluon.jit
+    def _gemm_step(q, acc, wd, mult, buf, buf_ahead, w_ptrs, s_ptrs, t4, row_ptrs, x_ptrs, kc, live,
+                   G: gl.constexpr, NQ: gl.constexpr, NW: gl.constexpr, AHEAD: gl.constexpr):
+        """Step q of `_gemm_rows`: wait for its activations (buf), copy step q + 2's into buf_ahead, hint step
+        q + AHEAD's weights into L2, load step q + 1's weights, run the step's four MMA pairs with step q's (wd,
+        mult). -> (acc, step q + 1's words and multipliers)."""
+        async_copy.wait_group(1)  # this thread's copies of step q have landed
+        _cta_barrier()  # and every thread's; buf_ahead was last read at step q - 2, before the previous barrier
+        _copy_to_shared(buf_ahead, x_ptrs + gl.minimum(4 * gl.minimum(q + 2, NQ - 1) + kc // 32, G - 1) * 32,
+                        mask=live)
+        async_copy.commit_group()
+        if AHEAD > 0:
+            _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
+        wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
+        x0, x1, x2, x3 = _shared_pairs(buf, NW)
+        w0, w1, w2, w3 = _split4(wd)
+        acc = _mma_pair(acc, w0, mult, x0, NW)
+        acc = _mma_pair(acc, w1, mult, x1, NW)
+        acc = _mma_pair(acc, w2, mult, x2, NW)
+        acc = _mma_pair(acc, w3, mult, x3, NW)
+        return acc, wd_n, mult_n
+
+    @gluon.jit
+    def _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, xlive, KDIM: gl.constexpr, T: gl.constexpr, NW: gl.constexpr,
                    AHEAD: gl.constexpr):
         """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,)
         int64 of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a
         (., KDIM) bf16 matrix. Every row index must be valid (callers point unused rows at a real one and drop
-        their results): the loop has no masks. wrow in `_row_layout`, xrow in SliceLayout(1, `_acts_layout`).
+        their results); rows where xlive (T,) is false are not read (zero-filled). wrow in `_row_layout`, xrow and
+        xlive in SliceLayout(1, `_copy_layout`).
 
         Steps of 4 blocks (128 inputs) in which lane t owns block 4q + t of each of its rows: its 16 bytes come in
-        one 16-byte load, and MMA pair p takes word p of each lane's block, with the activations of inputs
-        32t + 8p + j of the step for lane t (column 8t + j as `_mma_pair` takes them). Blocks past the last
-        (G not a multiple of 4) read the last one's bytes and activations with multiplier 0. The next step's
-        weights and all four of its activation pairs are loaded before the current step's MMAs (loading each pair
-        one MMA pair ahead left every pair waiting on an L2 round trip: 6-11% slower at 16-256 tokens, H100); with
-        AHEAD > 0 the weights of step q + AHEAD are hinted into L2 at step q (PREFETCH_STEPS), the scales all at
-        the start."""
+        one 16-byte load, one step ahead of its MMAs, and MMA pair p takes word p of each lane's block. A step's
+        activations (T, 128) are copied once for all of the CTA's warps into shared memory by `cp.async`, two
+        steps ahead, into four buffers (separate allocations in a fixed rotation, the loop unrolled by four, so
+        that the compiler's hazard analysis adds no barrier of its own), and each warp reads the pairs it needs
+        from there (`_shared_pairs`). Before, every warp loaded them from global memory through L1, a step ahead:
+        the copy halves the L1 traffic (Nsight Compute, mlp1 at 64 tokens) and is faster at every size measured
+        (module docstring). Blocks past the last (G not a multiple of 4) read the last one's bytes and
+        activations with multiplier 0. With AHEAD > 0 the weights of step q + AHEAD are hinted into L2 at step q
+        (PREFETCH_STEPS), the scales all at the start."""
         R: gl.constexpr = wrow.shape[0]
         sl: gl.constexpr = _step_layout(R, NW)
         wl: gl.constexpr = gl.SliceLayout(2, sl)
-        xl: gl.constexpr = _acts_layout(T, NW)
         G: gl.constexpr = KDIM // 32
+        NQ: gl.constexpr = (G + 3) // 4
         t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))[None, :]
         pw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))
         wr = gl.convert_layout(wrow, gl.SliceLayout(1, wl))
         w_ptrs = w_ptr + wr[:, None, None] * (KDIM // 8) + pw[None, None, :]
         s_ptrs = s_ptr + wr[:, None] * G
-        kx = gl.arange(0, 32, layout=gl.SliceLayout(0, xl))
-        x_ptrs = x_ptr + xrow[:, None] * KDIM + (kx % 8)[None, :]
-        tx = (kx // 8)[None, :]  # the lane's block within the step
-        acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
-        NQ: gl.constexpr = (G + 3) // 4
-        row_ptrs = w_ptr + wr * (KDIM // 8)  # (R,) each row's first word; a step is 16 words
+        row_ptrs = w_ptr + wr * (KDIM // 8)
+        kc = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))[None, :]  # (1, 128)
+        # column c of step q: input 32 * min(4q + c // 32, G - 1) + c % 32 (blocks past the last read the last)
+        x_ptrs = x_ptr + xrow[:, None] * KDIM + kc % 32
+        live = gl.broadcast(xlive[:, None], kc)[0]
+        sh: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
+        bufs = (gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh),
+                gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh))
+        for i in gl.static_range(2):
+            _copy_to_shared(bufs[i], x_ptrs + gl.minimum(4 * gl.minimum(i, NQ - 1) + kc // 32, G - 1) * 32,
+                            mask=live)
+            async_copy.commit_group()
         if AHEAD > 0:
-            _prefetch_l2(s_ptrs)  # a row's G scale bytes span at most two lines
+            _prefetch_l2(s_ptrs)
             _prefetch_l2(s_ptrs + (G - 1))
             for q in gl.static_range(_min(AHEAD, NQ)):  # never past a row's last step (its address may be invalid)
                 _prefetch_l2(row_ptrs + q * 16)
         wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
-        x0, x1, x2, x3 = _load_pairs(x_ptrs, tx, 0, G)
-        for q in range(NQ):
-            if AHEAD > 0:
-                _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
-            wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
-            w0, w1, w2, w3 = _split4(wd)
-            y0, y1, y2, y3 = _load_pairs(x_ptrs, tx, q + 1, G)
-            acc = _mma_pair(acc, w0, mult, x0, NW)
-            acc = _mma_pair(acc, w1, mult, x1, NW)
-            acc = _mma_pair(acc, w2, mult, x2, NW)
-            acc = _mma_pair(acc, w3, mult, x3, NW)
-            wd, mult, x0, x1, x2, x3 = wd_n, mult_n, y0, y1, y2, y3
+        acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
+        for q in range(0, NQ - 3, 4):
+            for i in gl.static_range(4):
+                acc, wd, mult = _gemm_step(q + i, acc, wd, mult, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4,
+                                           row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD)
+        for i in gl.static_range(NQ % 4):  # the steps after the last whole rotation, in the same rotation
+            acc, wd, mult = _gemm_step(NQ - NQ % 4 + i, acc, wd, mult, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs,
+                                       t4, row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD)
+        async_copy.wait_group(0)
         return acc
-
-    @gluon.jit
-    def _load_pairs(x_ptrs, tx, q, G: gl.constexpr):
-        """Activations (T, 32) of MMA pairs 0 .. 3 of step q: in pair p, column 8t + j is input 32 (4q + t) + 8p + j
-        (blocks past the last read the last one)."""
-        blk = x_ptrs + gl.minimum(4 * q + tx, G - 1) * 32
-        return gl.load(blk), gl.load(blk + 8), gl.load(blk + 16), gl.load(blk + 24)
 
     @gluon.constexpr_function
     def _row_layout(r, nw):
@@ -314,19 +374,20 @@ if HAS_GLUON:
         AHEAD: gl.constexpr,  # steps of weights prefetched into L2 ahead of the loads (0: none)
     ):
         NW: gl.constexpr = gl.num_warps()
-        xl: gl.constexpr = _acts_layout(T, NW)
+        xl: gl.constexpr = _copy_layout(NW)
         j = gl.program_id(0)
         e, start, end = _tile(seg_ptr, gl.program_id(1), E, EP, T)
         if e < E:
-            # rows past the tile's end read its last row (their results are not stored)
-            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
+            # rows past the tile's end point at its last row, are not read (zero-filled) and not stored
+            srow = start + gl.arange(0, T, layout=gl.SliceLayout(1, xl))
+            rows = gl.minimum(srow, end - 1)
             tok = (gl.load(order_ptr + rows) // K_ROUTE).to(gl.int64)
             # tile row r: unit j * R/2 + (r // 16) * 8 + r % 8, gate (row 2u) in r % 16 < 8, linear (2u + 1) above;
             # units past I read unit I - 1
             r = gl.arange(0, R, layout=_row_layout(R, NW))
             unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
             wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
-            acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, H, T, NW, AHEAD)  # (R, T)
+            acc = _gemm_rows(w_ptr, s_ptr, wrow, x_ptr, tok, srow < end, H, T, NW, AHEAD)  # (R, T)
             out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
             gl.store(act_ptr + ts.to(gl.int64)[:, None] * I + us[None, :], out,
                      mask=(ts < end)[:, None] & (us < I)[None, :])
@@ -369,13 +430,15 @@ if HAS_GLUON:
         AHEAD: gl.constexpr,
     ):
         NW: gl.constexpr = gl.num_warps()
-        xl: gl.constexpr = _acts_layout(T, NW)
+        xl: gl.constexpr = _copy_layout(NW)
         j = gl.program_id(0)
         e, start, end = _tile(seg_ptr, gl.program_id(1), E, EP, T)
         if e < E:
-            rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, xl)), end - 1)
+            srow = start + gl.arange(0, T, layout=gl.SliceLayout(1, xl))
+            rows = gl.minimum(srow, end - 1)
             hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
-            acc = _gemm_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, T, NW, AHEAD)
+            wrow = e.to(gl.int64) * H + hs
+            acc = _gemm_rows(w_ptr, s_ptr, wrow, act_ptr, rows.to(gl.int64), srow < end, I, T, NW, AHEAD)
             _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H)
 
     @gluon.jit

@@ -49,12 +49,8 @@ try:  # Gluon's API is experimental: any mismatch disables this path, never the 
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _load_step, _log2, _mlp1_outputs, _mlp2_store, _step_layout,
-                                        _tile, kernel_pair)
-
-    # names that changed after Triton 3.6 (the GPU machine's): the CTA barrier (barrier) and cp.async (async_load)
-    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
-    _copy_to_shared = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
+    from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _copy_layout, _copy_to_shared, _cta_barrier, _load_step,
+                                        _log2, _mlp1_outputs, _mlp2_store, _step_layout, _tile, kernel_pair)
 
     HAS_WGMMA = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -214,11 +210,6 @@ if HAS_WGMMA:
         async_copy.commit_group()
         wd2, mult2 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
         return acc, a, wd1, mult1, wd2, mult2
-
-    @gluon.constexpr_function
-    def _copy_layout(nw):
-        """(T, 128) activation tiles as copied to shared memory: 16 bytes a thread, 16 threads a 256-byte row."""
-        return gl.BlockedLayout([1, 8], [2, 16], [nw, 1], [1, 0])
 
     @gluon.constexpr_function
     def _row_layout(r, nw):
