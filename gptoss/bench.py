@@ -5,6 +5,7 @@ disks), or a checkpoint is loaded. Decode runs the product path (TokenGenerator:
 host sync per token as when streaming).
 """
 
+import contextlib
 import dataclasses
 import gc
 import json
@@ -99,6 +100,33 @@ def bench_gptoss(model: Transformer, name: str, load_s: float, prompt_lengths, d
                        torch.cuda.max_memory_allocated() / 2**30)
 
 
+@contextlib.contextmanager
+def kernel_builds():
+    """Yields the list of Triton kernels built (compiled, or loaded from Triton's disk cache) while the block runs,
+    appended as they come; None where this Triton has no compile hook. A timed round should build none: a build
+    stalls the host while the GPU waits, inside the GPU time of the step that launches it."""
+    try:
+        from triton import knobs
+    except ImportError:  # no Triton, or one older than its knobs
+        knobs = None
+    runtime = getattr(knobs, "runtime", None)
+    if runtime is None or not hasattr(runtime, "jit_cache_hook"):
+        yield None
+        return
+    built: list[str] = []
+    previous = runtime.jit_cache_hook
+
+    def hook(*args, **kwargs):
+        built.append(kwargs["fn"].name)
+        return previous(*args, **kwargs) if previous else False
+
+    runtime.jit_cache_hook = hook
+    try:
+        yield built
+    finally:
+        runtime.jit_cache_hook = previous
+
+
 def bench_engine(model: Transformer, concurrency: int, prompt_length: int, output_tokens: int) -> dict:
     """Output tokens/s of the continuous-batching engine with `concurrency` requests in flight at once."""
     import asyncio
@@ -122,16 +150,17 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
     try:
         asyncio.run(run_all(concurrency))  # warm-up with the same shapes (the engine's own warm-up covers the rest)
         before = engine.stats()
-        started = time.perf_counter()
-        generated = asyncio.run(run_all(0))
-        elapsed = time.perf_counter() - started
+        with kernel_builds() as built:
+            started = time.perf_counter()
+            generated = asyncio.run(run_all(0))
+            elapsed = time.perf_counter() - started
         after = engine.stats()
     finally:
         engine.stop()
     steps = {key: after[key] - before[key] for key in after
              if key.startswith(("prefill_", "decode_")) or key == "cached_prefix_blocks"}
     return {"concurrency": concurrency, "prompt_tokens": prompt_length, "output_tokens": generated,
-            "seconds": elapsed, "output_tokens_per_s": generated / elapsed, **steps}
+            "seconds": elapsed, "output_tokens_per_s": generated / elapsed, "kernels_built": built, **steps}
 
 
 def hf_state_dict(model: Transformer):
@@ -221,6 +250,10 @@ def run(args) -> list[BenchResult]:
               f"(GPU {served['prefill_device_seconds']:.2f} s), "
               f"{served['decode_steps']} decode steps, GPU {served['decode_device_seconds']:.2f} s; "
               f"prefix-cache hits: {served['cached_prefix_blocks']} blocks)", flush=True)
+        built = served["kernels_built"]
+        if built:  # the GPU times above then include those builds
+            print(f"engine: {len(built)} kernel builds during the timed round: {', '.join(sorted(set(built)))}",
+                  flush=True)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
     print(format_table(results), flush=True)
