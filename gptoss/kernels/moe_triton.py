@@ -19,7 +19,7 @@ weighted sum is float32, rounded once, then the residual is added. Weights are r
 words) and decoded in registers from their bits (no lookup table); products and sums are fp32.
 
 Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.moe_mma` (Gluon), which serves
-2-256 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
+2-512 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
   * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
     model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
