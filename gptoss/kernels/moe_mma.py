@@ -29,13 +29,12 @@ mlp1's tiles take the gate rows 2u in their first 8 rows of each 16 and the line
 lane holds both halves of a SwiGLU unit.
 
 Measured on the H200 (20b shapes, a layer call, CUDA-graph timed): faster than the CUDA-core GEMV from 2 tokens
-(71.4 vs 77.0 us, scripts/moe_crossover.py) and than `moe_triton`'s autotuned GEMM up to 512 tokens; with the
-activations in shared memory, fixed tiles (R rows, T tokens, warps; timed as `scripts/moe_tiles.py --kernel mma`
-times them) against that GEMM: 64 tokens 201.2 us
-(128, 16, 4) vs 259.9, 256: 361.8 (128, 32, 4) vs 438.6, 512: 609.7 (128, 32, 4) vs 653.9, 1024: 1032.4
-(128, 64, 4) vs 1017.2. Each warp loading the activations itself through L1 (the form before) took 203.2, 424.0
-(128, 32, 4) and 1444.7 us at 64, 256 and 1024 tokens. So `moe_triton` runs it for 2-512 tokens (batched decode,
-short prefills).
+(71.4 vs 77.0 us, scripts/moe_crossover.py) and than `moe_triton`'s autotuned GEMM up to 512 tokens. Fixed tiles
+(R rows, T tokens, warps; timed as `scripts/moe_tiles.py --kernel mma` times them) against that GEMM: 64 tokens
+201.2 us (128, 16, 4) vs 259.9; 256: 361.8 (128, 32, 4) vs 438.6; 512: 609.7 (128, 32, 4) vs 653.9; 1024: 1032.4
+(128, 64, 4) vs 1017.2. The form before, each warp loading the activations itself through L1, took 203.2, 424.0
+and 1444.7 us with the same tiles at 64, 256 and 1024 tokens. So `moe_triton` runs it for 2-512 tokens (batched
+decode, short prefills).
 
 Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
 path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
