@@ -9,6 +9,7 @@ no sink/window) as a stock-kernel yardstick for full-causal prefill.
 """
 
 import argparse
+import itertools
 import json
 import math
 import sys
@@ -131,19 +132,17 @@ def bench_decode(sweep):
         report(f"{tag} triton (cuda graph)", ms, nbytes=nbytes)
         if sweep:
             best = None
-            for bn in (64, 128):
-                for nw in (4, 8):
-                    for splits in (1, 2, 4, 8, 16, 32, 64, 128):
-                        if splits > 1 and batch * HKV * splits > 8192:
-                            continue
-                        kw = dict(block_n=bn, num_warps=nw, num_splits=splits)
-                        try:
-                            ms = do_bench_cudagraph(lambda: run(**kw))
-                        except Exception as e:
-                            print(f"  {kw} failed: {type(e).__name__}", flush=True)
-                            continue
-                        if best is None or ms < best[0]:
-                            best = (ms, kw)
+            for bn, nw, stages, splits in itertools.product((64, 128), (4, 8), (2, 3), (1, 2, 4, 8, 16, 32, 64, 128)):
+                if splits > 1 and batch * HKV * splits > 8192:
+                    continue
+                kw = dict(block_n=bn, num_warps=nw, num_stages=stages, num_splits=splits)
+                try:
+                    ms = do_bench_cudagraph(lambda: run(**kw))
+                except Exception as e:
+                    print(f"  {kw} failed: {type(e).__name__}", flush=True)
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, kw)
             report(f"{tag} triton (cuda graph, best sweep)", best[0], nbytes=nbytes, cfg=best[1])
         if batch == 1 and layout != "paged":
             lo = max(0, ctx - window) if window else 0
