@@ -269,6 +269,13 @@ if HAS_GLUON:
                 gl.convert_layout(gl.reshape(x3, [T, 32]), xl, assert_trivial=True))
 
     @gluon.jit
+    def _copy_step(buf, x_ptrs, kc, live, q, NQ: gl.constexpr, G: gl.constexpr):
+        """Starts the copy of step q's activations (T, 128) into buf (`cp.async`, one commit group; steps past the
+        last copy the last): column c is input 32 * min(4q + c // 32, G - 1) + c % 32; rows not live are zero-filled."""
+        _copy_to_shared(buf, x_ptrs + gl.minimum(4 * gl.minimum(q, NQ - 1) + kc // 32, G - 1) * 32, mask=live)
+        async_copy.commit_group()
+
+    @gluon.jit
     def _gemm_step(q, acc, wd, mult, buf, buf_ahead, w_ptrs, s_ptrs, t4, row_ptrs, x_ptrs, kc, live,
                    G: gl.constexpr, NQ: gl.constexpr, NW: gl.constexpr, AHEAD: gl.constexpr):
         """Step q of `_gemm_rows`: wait for its activations (buf), copy step q + 2's into buf_ahead, hint step
@@ -276,9 +283,7 @@ if HAS_GLUON:
         mult). -> (acc, step q + 1's words and multipliers)."""
         async_copy.wait_group(1)  # this thread's copies of step q have landed
         _cta_barrier()  # and every thread's; buf_ahead was last read at step q - 2, before the previous barrier
-        _copy_to_shared(buf_ahead, x_ptrs + gl.minimum(4 * gl.minimum(q + 2, NQ - 1) + kc // 32, G - 1) * 32,
-                        mask=live)
-        async_copy.commit_group()
+        _copy_step(buf_ahead, x_ptrs, kc, live, q + 2, NQ, G)
         if AHEAD > 0:
             _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
         wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
@@ -321,8 +326,7 @@ if HAS_GLUON:
         s_ptrs = s_ptr + wr[:, None] * G
         row_ptrs = w_ptr + wr * (KDIM // 8)
         kc = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))[None, :]  # (1, 128)
-        # column c of step q: input 32 * min(4q + c // 32, G - 1) + c % 32 (blocks past the last read the last)
-        x_ptrs = x_ptr + xrow[:, None] * KDIM + kc % 32
+        x_ptrs = x_ptr + xrow[:, None] * KDIM + kc % 32  # (T, 128): column c's input within its block
         live = gl.broadcast(xlive[:, None], kc)[0]
         sh: gl.constexpr = gl.SwizzledSharedLayout(vec=8, per_phase=1, max_phase=8, order=[1, 0])
         bufs = (gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh),
@@ -330,9 +334,7 @@ if HAS_GLUON:
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh),
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], sh))
         for i in gl.static_range(2):
-            _copy_to_shared(bufs[i], x_ptrs + gl.minimum(4 * gl.minimum(i, NQ - 1) + kc // 32, G - 1) * 32,
-                            mask=live)
-            async_copy.commit_group()
+            _copy_step(bufs[i], x_ptrs, kc, live, i, NQ, G)
         if AHEAD > 0:
             _prefetch_l2(s_ptrs)
             _prefetch_l2(s_ptrs + (G - 1))

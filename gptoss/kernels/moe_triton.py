@@ -76,8 +76,9 @@ SWIGLU_ALPHA = 1.702
 # call; GEMV / this module's GEMM / the tensor-core GEMM of gptoss.kernels.moe_mma):
 #   N=1 36.9 / 79.4 / 59.4, N=2 77.0 / 102.9 / 71.4, N=8 237.1 / 190.7 / 155.4, N=64 - / 291.0 / 243.0,
 #   N=256 - / 536.0 / 466.3, N=512 - / 651.7 / 726.2, N=1024 - / 1010.1 / 1276.2;
-# with moe_mma's activations staged in shared memory (H200, a later session, the best of the fixed tiles tried): N=64 201.2 vs
-#   259.9, N=256 361.8 vs 438.6, N=512 609.7 vs 653.9, N=1024 1032.4 vs 1017.2 (this module's GEMM, autotuned).
+# with moe_mma's activations staged in shared memory (H200, a later session, the best of the fixed tiles tried):
+#   N=64 201.2 vs 259.9, N=256 361.8 vs 438.6, N=512 609.7 vs 653.9, N=1024 1032.4 vs 1017.2 (this module's GEMM,
+#   autotuned).
 # So: the GEMV at one token; the tensor-core GEMM from MMA_MIN_TOKENS to MMA_MAX_TOKENS where it serves (bf16
 # activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above.
 MMA_MIN_TOKENS = 2
