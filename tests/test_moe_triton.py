@@ -441,3 +441,64 @@ def test_gpu_wgmma_skewed_routing_and_large_scales(wgmma_on):
     x, w, ids = make_tokens(300, 8, 96, 2, "cuda", seed=4)
     with pytest.raises(ValueError, match="does not serve"):
         moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path="gemm_wgmma")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The dequantizing grouped GEMM (gptoss.kernels.moe_dense): bf16 experts and torch's grouped GEMM
+# ---------------------------------------------------------------------------------------------------------------
+@interp_only
+@pytest.mark.parametrize("N", [1, 5, 33])
+def test_interpret_dense_gemm(N):
+    """Pure-path equality through the interpreter (bf16 activations; experts with no rows included)."""
+    from gptoss.kernels.moe_dense import dense_gemm_available
+
+    if not dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16)):
+        pytest.skip("this torch has no F.grouped_mm")
+    mlp1, b1, mlp2, b2 = make_layer(8, 64, 64, "cpu", seed=N)
+    x, w, ids = make_tokens(N, 8, 64, 4, "cpu", seed=N + 100)
+    ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
+    out = moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, path="gemm_dense")
+    assert rel_err(out, ref) <= TOL
+
+
+@interp_only
+def test_interpret_dequantize_augmented_is_exact():
+    """Every FP4 code at every scale in range becomes its exact bf16 value; the bias sits in column K, zeros after."""
+    from gptoss.kernels.moe_dense import dequantize_augmented, padded_columns
+    from gptoss.mxfp4 import dequantize
+
+    mlp1, b1, _, _ = make_layer(4, 64, 64, "cpu", seed=7, scales=(100, 140))
+    out = dequantize_augmented(mlp1.blocks, mlp1.scales, b1)
+    K = 64
+    assert out.shape == (4, 128, padded_columns(K)) and out.dtype == torch.bfloat16
+    assert torch.equal(out[..., :K].float(), dequantize(mlp1.blocks, mlp1.scales).float())
+    assert torch.equal(out[..., K], b1)
+    assert not out[..., K + 1:].any()
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("N", [600, 2048])
+def test_gpu_dense_gemm(N):
+    """Real shapes on the GPU (CUTLASS grouped GEMM on sm_90): against the pure path and the Triton GEMM."""
+    from gptoss.kernels.moe_dense import dense_gemm_available
+
+    if not dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16, device="cuda")):
+        pytest.skip("this torch has no F.grouped_mm")
+    check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm_dense", seed=N, against_triton=3e-3)
+
+
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+def test_gpu_dense_gemm_dispatch(monkeypatch):
+    """Path "auto" takes the dense GEMM on Hopper from MIN_ROWS_PER_EXPERT rows an expert, for 20b's 32 experts
+    but not 120b's 128 (scratch), and never with GPTOSS_MOE_GEMM=triton."""
+    from gptoss.kernels.moe_dense import MIN_ROWS_PER_EXPERT, dense_gemm_pays
+
+    x = torch.zeros(1, 2880, dtype=torch.bfloat16, device="cuda")
+    scales_20b = torch.zeros(32, 5760, 90, dtype=torch.uint8, device="cuda")
+    scales_120b = torch.zeros(128, 5760, 90, dtype=torch.uint8, device="cuda")
+    hopper = torch.cuda.get_device_capability()[0] == 9
+    assert dense_gemm_pays(x, 32 * MIN_ROWS_PER_EXPERT, scales_20b) == hopper
+    assert not dense_gemm_pays(x, 32 * MIN_ROWS_PER_EXPERT - 1, scales_20b)
+    assert not dense_gemm_pays(x, 128 * 4096, scales_120b)
+    monkeypatch.setenv("GPTOSS_MOE_GEMM", "triton")
+    assert not dense_gemm_pays(x, 32 * 4096, scales_20b)

@@ -20,7 +20,8 @@ checkpoint stores them:
     over k in any order.
   * A step's activations (T tokens x 128 inputs) are copied once for the whole CTA into shared memory by
     `cp.async`, two steps ahead (four buffers), and every warp reads its MMA operands from there; the packed
-    weights go straight to registers, one step ahead, with an L2 prefetch hint two steps before that.
+    weights go straight to registers, one step ahead, with an L2 prefetch hint two steps before that (at every
+    other step: a 128-byte line holds two steps of a row).
   * Products and sums are fp32 in the tensor cores; the output is rounded as `moe_triton`'s GEMM rounds it.
 
 Grid, tiles and outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, each program one block
@@ -69,7 +70,10 @@ MAX_SCALE_BYTE = 128
 # step, no register) ahead of the loads that take them into registers one step ahead: the DRAM reads start two
 # steps earlier. scripts/moe_crossover.py on an H100, us a layer call at 1 / 32 / 64 tokens, with 0, 2 and 4 steps:
 # 48.2 / 250.6 / 248.8, 43.7 / 236.8 / 243.5, 45.1 / 251.1 / 257.4 (one run each; further ahead, the lines in
-# flight of all resident programs crowd L2). GPTOSS_PREFETCH=0 turns it off.
+# flight of all resident programs crowd L2). GPTOSS_PREFETCH=0 turns it off. The hints go out every other step: a
+# step is 64 bytes of a row and a 128-byte line holds two, so hinting each step hinted most lines twice, and the
+# hints load the L2, the busiest unit here (Nsight Compute): at 64 tokens on an H100, 209.5 / 208.9 us a layer call
+# against 229.8 / 229.9 with a hint every step (two rounds, one process, 128-row 16-token 4-warp tiles).
 PREFETCH_STEPS = 2
 
 
@@ -277,14 +281,14 @@ if HAS_GLUON:
 
     @gluon.jit
     def _gemm_step(q, acc, wd, mult, buf, buf_ahead, w_ptrs, s_ptrs, t4, row_ptrs, x_ptrs, kc, live,
-                   G: gl.constexpr, NQ: gl.constexpr, NW: gl.constexpr, AHEAD: gl.constexpr):
+                   G: gl.constexpr, NQ: gl.constexpr, NW: gl.constexpr, AHEAD: gl.constexpr, HINT: gl.constexpr):
         """Step q of `_gemm_rows`: wait for its activations (buf), copy step q + 2's into buf_ahead, hint step
-        q + AHEAD's weights into L2, load step q + 1's weights, run the step's four MMA pairs with step q's (wd,
-        mult). -> (acc, step q + 1's words and multipliers)."""
+        q + AHEAD's weights into L2 if HINT, load step q + 1's weights, run the step's four MMA pairs with step
+        q's (wd, mult). -> (acc, step q + 1's words and multipliers)."""
         async_copy.wait_group(1)  # this thread's copies of step q have landed
         _cta_barrier()  # and every thread's; buf_ahead was last read at step q - 2, before the previous barrier
         _copy_step(buf_ahead, x_ptrs, kc, live, q + 2, NQ, G)
-        if AHEAD > 0:
+        if AHEAD > 0 and HINT:
             _prefetch_l2(row_ptrs + gl.minimum(q + AHEAD, NQ - 1) * 16)
         wd_n, mult_n = _load_step(w_ptrs, s_ptrs, t4, q + 1, G)
         x0, x1, x2, x3 = _shared_pairs(buf, NW)
@@ -312,8 +316,8 @@ if HAS_GLUON:
         from there (`_shared_pairs`). Before, every warp loaded them from global memory through L1, a step ahead:
         the copy halves the L1 traffic (Nsight Compute, mlp1 at 64 tokens) and is faster at every size measured
         (module docstring). Blocks past the last (G not a multiple of 4) read the last one's bytes and
-        activations with multiplier 0. With AHEAD > 0 the weights of step q + AHEAD are hinted into L2 at step q
-        (PREFETCH_STEPS), the scales all at the start."""
+        activations with multiplier 0. With AHEAD > 0 the weights of step q + AHEAD are hinted into L2 at each
+        even step q (PREFETCH_STEPS), the scales all at the start."""
         R: gl.constexpr = wrow.shape[0]
         sl: gl.constexpr = _step_layout(R, NW)
         wl: gl.constexpr = gl.SliceLayout(2, sl)
@@ -338,17 +342,17 @@ if HAS_GLUON:
         if AHEAD > 0:
             _prefetch_l2(s_ptrs)
             _prefetch_l2(s_ptrs + (G - 1))
-            for q in gl.static_range(_min(AHEAD, NQ)):  # never past a row's last step (its address may be invalid)
+            for q in gl.static_range(0, _min(AHEAD, NQ), 2):  # never past a row's last step (may be invalid)
                 _prefetch_l2(row_ptrs + q * 16)
         wd, mult = _load_step(w_ptrs, s_ptrs, t4, 0, G)
         acc = gl.zeros([R, T], gl.float32, _acc_layout(NW))
         for q in range(0, NQ - 3, 4):
             for i in gl.static_range(4):
                 acc, wd, mult = _gemm_step(q + i, acc, wd, mult, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4,
-                                           row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD)
+                                           row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD, i % 2 == 0)
         for i in gl.static_range(NQ % 4):  # the steps after the last whole rotation, in the same rotation
             acc, wd, mult = _gemm_step(NQ - NQ % 4 + i, acc, wd, mult, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs,
-                                       t4, row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD)
+                                       t4, row_ptrs, x_ptrs, kc, live, G, NQ, NW, AHEAD, i % 2 == 0)
         async_copy.wait_group(0)
         return acc
 

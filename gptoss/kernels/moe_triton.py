@@ -42,7 +42,9 @@ Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.mo
     scales as stored and Triton decodes them in the MMA's operand layout: the same numbers bit for bit, and on
     H100 at 64 tokens (batched decode) 388 us a call against 458 (scripts/moe_dot_scaled.py, in git history at
     commit df021db), on a par at 1024. Measured on H100 (20b shapes): N=1024 1.04 ms of kernels per layer call
-    (195 TFLOP/s; 1.30 ms eager), N=8192 5.56 ms (293 TFLOP/s).
+    (195 TFLOP/s; 1.30 ms eager), N=8192 5.56 ms (293 TFLOP/s). For long prefills on Hopper, where every
+    expert holds hundreds of rows, `gptoss.kernels.moe_dense` (the experts dequantized to bf16 one layer at a
+    time, then torch's grouped GEMM) runs instead: 4.72 ms at N=8192 on an H100.
 Neither path synchronizes with the host: calls can be captured in a CUDA graph (after a first, autotuning call).
 
 Run on CPU for debugging with TRITON_INTERPRET=1 (tiny shapes; CPU tensors). Triton 3.6's interpreter needs
@@ -80,7 +82,8 @@ SWIGLU_ALPHA = 1.702
 #   N=64 201.2 vs 259.9, N=256 361.8 vs 438.6, N=512 609.7 vs 653.9, N=1024 1032.4 vs 1017.2 (this module's GEMM,
 #   autotuned).
 # So: the GEMV at one token; the tensor-core GEMM from MMA_MIN_TOKENS to MMA_MAX_TOKENS where it serves (bf16
-# activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above.
+# activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above, or
+# for long prefills on Hopper the dequantizing grouped GEMM of gptoss.kernels.moe_dense (MIN_ROWS_PER_EXPERT there).
 MMA_MIN_TOKENS = 2
 MMA_MAX_TOKENS = 512
 # The GEMV against this module's GEMM (H100, with the GEMM's dot_scaled tiles): 185 vs 186 us at 6 tokens, 238 vs
@@ -638,13 +641,23 @@ def _wgmma_gemm_serves(x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: 
     return _tensor_core_serves(wgmma_gemm_available, x, mlp1_scales, mlp2_scales)
 
 
-def _gemm_kernels(n: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
-    """The grouped GEMM that path "gemm" runs for n tokens: the tensor-core kernels where they serve (see
-    MMA_MAX_TOKENS), else this module's."""
+def _dense_gemm_serves(x: torch.Tensor) -> bool:
+    from gptoss.kernels.moe_dense import dense_gemm_available
+
+    return (x.is_cuda or triton_interpreting()) and dense_gemm_available(x)
+
+
+def _gemm_kernels(n: int, k: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
+    """The grouped GEMM that path "gemm" runs for n tokens of k pairs: the tensor-core kernels where they serve
+    (see MMA_MAX_TOKENS), the dequantizing grouped GEMM where it pays (long prefills), else this module's."""
+    from gptoss.kernels.moe_dense import dense_gemm_pays
+
     if n <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         return "gemm_mma"
     if n > MMA_MAX_TOKENS and _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
         return "gemm_wgmma"
+    if n > MMA_MAX_TOKENS and dense_gemm_pays(x, n * k, mlp1_scales):
+        return "gemm_dense"
     return "gemm_triton"
 
 
@@ -673,8 +686,9 @@ def moe_triton(
     x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
 
     path: "auto" (by N, see MMA_MIN_TOKENS above), "gemv", "gemm" (the tensor-core kernels where they serve:
-      `gptoss.kernels.moe_mma` up to MMA_MAX_TOKENS, `gptoss.kernels.moe_wgmma` above on Hopper; else this
-      module's), or one of them: "gemm_mma", "gemm_wgmma", "gemm_triton".
+      `gptoss.kernels.moe_mma` up to MMA_MAX_TOKENS, `gptoss.kernels.moe_wgmma` above on Hopper when asked for,
+      `gptoss.kernels.moe_dense` where it pays; else this module's), or one of them: "gemm_mma", "gemm_wgmma",
+      "gemm_dense", "gemm_triton".
     config: fixed kernel parameters instead of autotuning (always used under TRITON_INTERPRET=1):
       gemv: {"BLOCK_U", "BLOCK_H", "BLOCK_K", "num_warps"};
       gemm_triton: {"BM", "BN", "BK", "SWAP", "SCALED", "num_warps", "num_stages"};
@@ -714,7 +728,7 @@ def moe_triton(
         if gemv_serves(N):
             path = "gemv"
         else:
-            path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
+            path = _gemm_kernels(N, K, x, mlp1_scales, mlp2_scales)
             if path == "gemm_triton" and N <= DECODE_MAX_TOKENS:
                 path = "gemv"
 
@@ -746,15 +760,17 @@ def moe_triton(
                                                          MP=MP, PDL=pdl, launch_pdl=pdl, **c2)
         return _combine(y, weights, residual, x.dtype)
 
-    if path not in ("gemm", "gemm_mma", "gemm_wgmma", "gemm_triton"):
-        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma' or 'gemm_triton', "
-                         f"got {path!r}")
+    if path not in ("gemm", "gemm_mma", "gemm_wgmma", "gemm_dense", "gemm_triton"):
+        raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma', 'gemm_dense' or "
+                         f"'gemm_triton', got {path!r}")
     if path == "gemm":
-        path = _gemm_kernels(N, x, mlp1_scales, mlp2_scales)
+        path = _gemm_kernels(N, K, x, mlp1_scales, mlp2_scales)
     elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
     elif path == "gemm_wgmma" and not _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
         raise ValueError("the Hopper GEMM (gptoss.kernels.moe_wgmma) does not serve these inputs")
+    elif path == "gemm_dense" and not _dense_gemm_serves(x):
+        raise ValueError("the dequantizing grouped GEMM (gptoss.kernels.moe_dense) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
     order, seg_end = group_pairs(expert_ids.reshape(-1), E)
     if path in ("gemm_mma", "gemm_wgmma"):
@@ -764,6 +780,12 @@ def moe_triton(
         gemm = mlp_mma_gemm if path == "gemm_mma" else mlp_wgmma_gemm
         y = gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
                  limit, K, config=config)
+        return _combine(y, weights, residual, x.dtype)
+    if path == "gemm_dense":
+        from gptoss.kernels.moe_dense import mlp_dense_gemm
+
+        y = mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
+                           mlp2_bias, limit, K)
         return _combine(y, weights, residual, x.dtype)
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
     y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order
