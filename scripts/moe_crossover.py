@@ -1,7 +1,7 @@
 """Which MoE kernels are fastest as tokens per call grow (the engine decodes 1-64 tokens per step, prefills
 hundreds to thousands): the GEMV (up to 16 tokens), moe_triton's grouped GEMM and the tensor-core grouped GEMMs of
-gptoss.kernels.moe_mma and (on Hopper, from 16 tokens) gptoss.kernels.moe_wgmma, each autotuned and timed in a CUDA
-graph; then the engine's throughput with the dispatch as shipped (moe_triton.DECODE_MAX_TOKENS, MMA_MAX_TOKENS).
+gptoss.kernels.moe_mma and (on Hopper, from 16 tokens) gptoss.kernels.moe_wgmma, above MMA_MAX_TOKENS the
+dequantizing grouped GEMM of gptoss.kernels.moe_dense, each autotuned and timed in a CUDA graph; then the engine's throughput with the dispatch as shipped (moe_triton.DECODE_MAX_TOKENS, MMA_MAX_TOKENS).
 
   python scripts/moe_crossover.py [--sizes 256 1024 ...] [--no-engine]        (H200: about 3 minutes)
 """
@@ -17,6 +17,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 from bench_moe import make_layers, tokens  # noqa: E402
 
 from gptoss.kernels import moe_triton as mt  # noqa: E402
+from gptoss.kernels.moe_dense import MIN_ROWS_PER_EXPERT  # noqa: E402
 
 
 def graphed_us(fn, iters=50) -> float:
@@ -44,7 +45,7 @@ def main():
     args = parser.parse_args()
     E, H, I, K = 32, 2880, 2880, 4
     m1, b1, m2, b2 = make_layers(1, E, H, I, "cuda")[0]
-    columns = ("gemv", "gemm_triton", "gemm_mma", "gemm_wgmma")
+    columns = ("gemv", "gemm_triton", "gemm_mma", "gemm_wgmma", "gemm_dense")
     wgmma = mt._wgmma_gemm_serves(torch.empty(1, H, device="cuda", dtype=torch.bfloat16), m1.scales, m2.scales)
     print("tokens | " + " | ".join(f"{c} us" for c in columns) + " | fastest", flush=True)
     for n in args.sizes:
@@ -55,6 +56,7 @@ def main():
 
         paths = ["gemv", "gemm_triton", "gemm_mma"] if n <= 16 else ["gemm_triton", "gemm_mma"]
         paths += ["gemm_wgmma"] if wgmma and n >= 16 else []
+        paths += ["gemm_dense"] if n > mt.MMA_MAX_TOKENS and mt._dense_gemm_serves(x) else []
         outs = {path: run(path).float() for path in paths}
         agree = max(float((outs[p] - outs["gemm_triton"]).norm() / outs["gemm_triton"].norm()) for p in paths)
         times = {path: graphed_us(lambda path=path: run(path)) for path in paths}
@@ -67,7 +69,8 @@ def main():
 
     model = random_model("gpt-oss-20b", "cuda")
     served = bench_engine(model, 64, prompt_length=1024, output_tokens=256)
-    print(f"engine (GEMV up to {mt.DECODE_MAX_TOKENS} tokens, tensor-core GEMM up to {mt.MMA_MAX_TOKENS}): "
+    print(f"engine (GEMV up to {mt.DECODE_MAX_TOKENS} tokens, tensor-core GEMM up to {mt.MMA_MAX_TOKENS}, dense "
+          f"GEMM on Hopper from {MIN_ROWS_PER_EXPERT} rows an expert): "
           f"{served['output_tokens_per_s']:,.0f} output tokens/s", flush=True)
 
 

@@ -72,8 +72,9 @@ MAX_SCALE_BYTE = 128
 # 48.2 / 250.6 / 248.8, 43.7 / 236.8 / 243.5, 45.1 / 251.1 / 257.4 (one run each; further ahead, the lines in
 # flight of all resident programs crowd L2). GPTOSS_PREFETCH=0 turns it off. The hints go out every other step: a
 # step is 64 bytes of a row and a 128-byte line holds two, so hinting each step hinted most lines twice, and the
-# hints load the L2, the busiest unit here (Nsight Compute): at 64 tokens on an H100, 209.5 / 208.9 us a layer call
-# against 229.8 / 229.9 with a hint every step (two rounds, one process, 128-row 16-token 4-warp tiles).
+# hints load the L2, the busiest unit here (Nsight Compute). H100, us a layer call, every other step against every
+# step (two rounds each, one process; the autotuned tiles): 16 tokens 191 vs 210, 32: 198 vs 220, 128: 262 vs 264,
+# 256: 359 vs 364, 512: 603 vs 616; 64 (128-row 16-token 4-warp tiles): 209 vs 230.
 PREFETCH_STEPS = 2
 
 
