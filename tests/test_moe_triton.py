@@ -477,7 +477,7 @@ def test_interpret_dequantize_augmented_is_exact():
 
 
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
-@pytest.mark.parametrize("N", [600, 2048])
+@pytest.mark.parametrize("N", [129, 600, 2048, 4097])
 def test_gpu_dense_gemm(N):
     """Real shapes on the GPU (CUTLASS grouped GEMM on sm_90): against the pure path and the Triton GEMM."""
     from gptoss.kernels.moe_dense import dense_gemm_available
