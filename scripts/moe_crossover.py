@@ -1,7 +1,8 @@
 """Which MoE kernels are fastest as tokens per call grow (the engine decodes 1-64 tokens per step, prefills
 hundreds to thousands): the GEMV (up to 16 tokens), moe_triton's grouped GEMM and the tensor-core grouped GEMMs of
 gptoss.kernels.moe_mma and (on Hopper, from 16 tokens) gptoss.kernels.moe_wgmma, above MMA_MAX_TOKENS the
-dequantizing grouped GEMM of gptoss.kernels.moe_dense, each autotuned and timed in a CUDA graph; then the engine's throughput with the dispatch as shipped (moe_triton.DECODE_MAX_TOKENS, MMA_MAX_TOKENS).
+dequantizing grouped GEMM of gptoss.kernels.moe_dense, each autotuned and timed in a CUDA graph; then the engine's
+throughput with the dispatch as shipped (moe_triton.DECODE_MAX_TOKENS, MMA_MAX_TOKENS).
 
   python scripts/moe_crossover.py [--sizes 256 1024 ...] [--no-engine]        (H200: about 3 minutes)
 """

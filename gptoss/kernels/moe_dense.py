@@ -16,10 +16,11 @@ sum with its bias, as `F.linear` with a bias rounds it in the pure path.
 Costs scratch for a bf16 copy of one matrix of a layer's experts at a time (mlp1's: 1.07 GB for 32 experts of
 gpt-oss shapes) and the dequantizing pass (for 32 experts it reads 0.42 GB and writes 1.6 GB), a fixed cost per
 layer call that pays off once the experts hold enough rows. Measured on an H100 (20b shapes, 4 pairs a token, a
-layer call, CUDA-graph timed as `scripts/moe_crossover.py` times it, in two runs of one session) against `moe_triton`'s autotuned GEMM, us: 1,024 tokens 1,908 vs
-1,009; 2,048: 2,146 vs 1,681; 3,072: 2,597 vs 2,250; 4,096: 3,143 vs 3,025; 6,144: 3,764 vs 4,239; 8,192: 4,718
-vs 5,513 (346 vs 296 TFLOP/s); 16,384: 8,154 vs 10,674. The dequantizing pass alone takes 573 + 288 us (mlp1 +
-mlp2, 2.35 TB/s). `moe_triton` runs this path where `dense_gemm_pays`.
+layer call, CUDA-graph timed as `scripts/moe_crossover.py` times it, in two runs of one session) against
+`moe_triton`'s autotuned GEMM, us: 1,024 tokens 1,908 vs 1,009; 2,048: 2,146 vs 1,681; 3,072: 2,597 vs 2,250; 4,096:
+3,143 vs 3,025; 6,144: 3,764 vs 4,239; 8,192: 4,718 vs 5,513 (346 vs 296 TFLOP/s); 16,384: 8,154 vs 10,674. The
+dequantizing pass alone takes 573 + 288 us (mlp1 + mlp2, 2.35 TB/s). `moe_triton` runs this path where
+`dense_gemm_pays`.
 """
 
 from __future__ import annotations
