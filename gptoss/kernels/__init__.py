@@ -16,6 +16,16 @@ def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "").lower() in ("1", "true", "on")
 
 
+@functools.cache
+def _capability(device_index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(device_index)
+
+
+def cuda_capability(x: torch.Tensor) -> tuple[int, int]:
+    """The compute capability (major, minor) of CUDA tensor x's device, queried once per device."""
+    return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
+
+
 def use_reference() -> bool:
     return os.environ.get("GPTOSS_KERNELS", "auto") == "reference"
 

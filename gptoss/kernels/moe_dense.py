@@ -25,13 +25,12 @@ dequantizing pass alone takes 573 + 288 us (mlp1 + mlp2, 2.35 TB/s). `moe_triton
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
 import torch.nn.functional as F
 
-from gptoss.kernels import triton_interpreting
+from gptoss.kernels import cuda_capability, triton_interpreting
 
 try:
     import triton
@@ -162,9 +161,4 @@ def dense_gemm_pays(x: torch.Tensor, num_pairs: int, mlp1_scales: torch.Tensor) 
     E, R1, G = mlp1_scales.shape
     return (x.is_cuda and dense_gemm_available(x) and os.environ.get("GPTOSS_MOE_GEMM", "mma") != "triton"
             and num_pairs >= MIN_ROWS_PER_EXPERT * E and E * R1 * padded_columns(32 * G) * 2 <= MAX_SCRATCH_BYTES
-            and _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()))
-
-
-@functools.cache
-def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
+            and cuda_capability(x)[0] == 9)

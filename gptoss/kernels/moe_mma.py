@@ -43,10 +43,11 @@ path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from gptoss.kernels import cuda_capability
 
 try:  # Gluon's API is experimental: any mismatch disables this path, never the package
     import triton
@@ -78,17 +79,12 @@ MAX_SCALE_BYTE = 128
 PREFETCH_STEPS = 2
 
 
-@functools.cache
-def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index) >= (8, 0)
-
-
 def mma_gemm_available(x: torch.Tensor) -> bool:
     """Whether these kernels can serve x's device: Gluon importable, sm_80+, bf16 activations, not turned off with
     GPTOSS_MOE_GEMM=triton."""
     return (HAS_GLUON and x.is_cuda and x.dtype == torch.bfloat16
             and os.environ.get("GPTOSS_MOE_GEMM", "mma") != "triton"
-            and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+            and cuda_capability(x) >= (8, 0))
 
 
 if HAS_GLUON:

@@ -36,10 +36,11 @@ Status: opt-in (GPTOSS_MOE_GEMM=wgmma): correct on the GPU, but on an H100 no fa
 
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
+
+from gptoss.kernels import cuda_capability
 
 try:  # Gluon's API is experimental: any mismatch disables this path, never the package
     import triton
@@ -61,17 +62,12 @@ except Exception:  # pragma: no cover - depends on the installed Triton
 HOPPER_ONLY = True
 
 
-@functools.cache
-def _hopper(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] == 9
-
-
 def wgmma_gemm_available(x: torch.Tensor) -> bool:
     """Whether these kernels can serve x's device: Gluon's Hopper API importable, an sm_90 GPU, bf16 activations,
     and asked for with GPTOSS_MOE_GEMM=wgmma (not yet the default: see the module docstring)."""
     return (HAS_WGMMA and x.is_cuda and x.dtype == torch.bfloat16
             and os.environ.get("GPTOSS_MOE_GEMM", "mma") == "wgmma"
-            and _hopper(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+            and cuda_capability(x)[0] == 9)
 
 
 if HAS_WGMMA:

@@ -11,25 +11,19 @@ kernels of the chain are in flight and each waits, transitively, for all before 
 (torch's) keep the usual stream order; without PDL the wait is a no-op.
 """
 
-import functools
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels import triton_interpreting
-
-
-@functools.cache
-def _capable(device_index: int) -> bool:
-    return torch.cuda.get_device_capability(device_index)[0] >= 9
+from gptoss.kernels import cuda_capability, triton_interpreting
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether kernels on x's device launch with PDL: CUDA sm_90+, not under the interpreter, unless GPTOSS_PDL=0."""
     return (x.is_cuda and not triton_interpreting() and os.environ.get("GPTOSS_PDL", "1") != "0"
-            and _capable(x.device.index if x.device.index is not None else torch.cuda.current_device()))
+            and cuda_capability(x)[0] >= 9)
 
 
 @triton.jit
