@@ -36,7 +36,7 @@ try:
     import triton
     import triton.language as tl
 
-    from gptoss.kernels.moe_triton import _fp4_unscaled, _scale_value, _swiglu
+    from gptoss.kernels.moe_triton import _denorm_default, _fp4_unscaled, _scale_value, _swiglu
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - the package works without Triton (pure path)
@@ -113,8 +113,6 @@ def dequantize_augmented(blocks: torch.Tensor, scales: torch.Tensor, bias: torch
         out = torch.empty((E, R, KP), dtype=torch.bfloat16, device=blocks.device)
     rows, groups = (4, 4) if triton_interpreting() else (16, 16)
     assert (E * R) % rows == 0, "rows a program must divide the matrices' rows"
-    from gptoss.kernels.moe_triton import _denorm_default
-
     _dequantize_kernel[((E * R) // rows, triton.cdiv(G, groups))](
         blocks, scales, bias, out, K=K, KP=KP, ROWS=rows, GROUPS=groups, DENORM=_denorm_default(), num_warps=4)
     return out
@@ -131,9 +129,10 @@ def mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     M = order.numel()
     HP, IP = padded_columns(H), padded_columns(I)
     w1 = dequantize_augmented(mlp1_blocks, mlp1_scales, mlp1_bias)  # (E, 2I, HP)
-    x_aug = torch.zeros((M, HP), dtype=torch.bfloat16, device=x.device)
+    x_aug = torch.empty((M, HP), dtype=torch.bfloat16, device=x.device)
     x_aug[:, :H] = x[order.long() // k_route]
     x_aug[:, H] = 1.0
+    x_aug[:, H + 1:] = 0.0
     offs = seg_end.to(torch.int32)
     h = F.grouped_mm(x_aug, w1.transpose(1, 2), offs=offs)  # (M, 2I)
     del w1, x_aug
