@@ -127,14 +127,16 @@ def kernel_builds():
         runtime.jit_cache_hook = previous
 
 
-def bench_engine(model: Transformer, concurrency: int, prompt_length: int, output_tokens: int) -> dict:
+def bench_engine(model: Transformer, concurrency: int, prompt_length: int, output_tokens: int,
+                 max_prefill_tokens: int = 8192) -> dict:
     """Output tokens/s of the continuous-batching engine with `concurrency` requests in flight at once."""
     import asyncio
 
     from gptoss.engine import Engine, SamplingParams
 
     engine = Engine(model, max_batch_size=concurrency, context_length=prompt_length + output_tokens + 16,
-                    num_blocks=concurrency * ((prompt_length + output_tokens) // 16 + 2))
+                    num_blocks=concurrency * ((prompt_length + output_tokens) // 16 + 2),
+                    max_prefill_tokens=max_prefill_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=1.0, seed=0, stop_token_ids=())
 
     async def one(i: int) -> int:
@@ -243,7 +245,8 @@ def run(args) -> list[BenchResult]:
         model, name = random_model(args.preset, device), f"{args.preset} (random weights)"
     load_s = _sync_time() - started
     if args.serve:
-        served = bench_engine(model, args.serve, prompt_length=1024, output_tokens=256)
+        served = bench_engine(model, args.serve, prompt_length=1024, output_tokens=256,
+                              max_prefill_tokens=args.max_prefill_tokens)
         print(f"engine: {served['concurrency']} concurrent requests x (1024 prompt + 256 output tokens): "
               f"{served['output_tokens_per_s']:,.0f} output tokens/s ({served['seconds']:.1f} s: "
               f"{served['prefill_steps']} prefill steps {served['prefill_seconds']:.2f} s "

@@ -146,6 +146,16 @@ def _targets(text: str) -> tuple[str, ...]:
     return targets
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def _port(text: str) -> int:
     try:
         port = int(text)
@@ -202,6 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", help="write the results to this file")
     bench.add_argument("--serve", type=int, metavar="N", help="instead: output tokens/s of the batching engine with "
                        "N concurrent requests (1024-token prompts, 256 output tokens each)")
+    bench.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
+                       help="with --serve: tokens one prefill step packs at most (default 8192)")
     bench.set_defaults(func=cmd_bench)
 
     chat = commands.add_parser("chat", help="chat in the terminal (harmony format, multi-turn)",
@@ -229,7 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=_port, default=8000, help="port (default 8000)")
     serve.add_argument("--api-key", default=None,
                        help="require 'Authorization: Bearer KEY' (default: $GPTOSS_API_KEY, else no key)")
-    serve.add_argument("--max-batch-size", type=int, default=64, help="requests decoded together (default 64)")
+    serve.add_argument("--max-batch-size", type=_positive_int, default=64,
+                       help="requests decoded together (default 64)")
+    serve.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
+                       help="tokens one prefill step packs at most (default 8192): larger steps keep the GPU busier "
+                       "and pause the running requests' decoding longer")
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint "
                        "folder's name)")
     serve.set_defaults(func=_lazy("gptoss.server", "cmd_serve"))

@@ -166,6 +166,8 @@ class Engine:
             )
         if block_size <= 0:
             raise GptOssError(f"block_size must be positive, got {block_size}")
+        if max_prefill_tokens <= 0:
+            raise GptOssError(f"max_prefill_tokens must be positive, got {max_prefill_tokens}")
         if num_blocks is None:
             num_blocks = max(-(-context_length // block_size), -(-max_batch_size * context_length // (4 * block_size)))
         self.model = model

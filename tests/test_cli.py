@@ -73,6 +73,13 @@ def test_serve_refuses_a_busy_port_before_loading(tmp_path):
                                                   "Address already in use"]
 
 
+@pytest.mark.parametrize("option", ["--max-batch-size", "--max-prefill-tokens"])
+@pytest.mark.parametrize("value", ["0", "-3", "many"])
+def test_serve_engine_limits_must_be_positive(option, value):
+    result = gptoss("serve", option, value)
+    assert result.returncode == 2 and f"expected a positive integer, got '{value}'" in result.stderr
+
+
 @pytest.mark.parametrize("port", ["70000", "-1", "http"])
 def test_serve_port_out_of_range(port):
     result = gptoss("serve", "--port", port)

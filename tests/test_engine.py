@@ -423,3 +423,10 @@ def test_block_manager_prefix_cache_and_eviction():
     assert d == a and bm.lookup(h, [1, 2]) is None
     with pytest.raises(RuntimeError):
         bm.allocate()
+
+
+@pytest.mark.parametrize("limits", [{"max_batch_size": 0}, {"max_prefill_tokens": 0}, {"block_size": -1}])
+def test_engine_limits_must_be_positive(model, limits):
+    name = next(iter(limits))
+    with pytest.raises(GptOssError, match=f"{name} must be positive"):
+        Engine(model, context_length=64, **limits)

@@ -43,7 +43,8 @@ def cmd_serve(args) -> int:
         sock = _listening_socket(args.host, args.port) if shard.rank == 0 else None
         folder = _checkpoint_or_demo(args.checkpoint, announce=shard.rank == 0)
         model, _ = load_model_from_args(args, folder, shard=shard)
-        engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192)
+        engine = Engine(model, max_batch_size=args.max_batch_size, context_length=args.context or 8192,
+                        max_prefill_tokens=args.max_prefill_tokens)
         engine.warm_up(progress=sys.stderr.isatty() and shard.rank == 0)
         if sock is None:
             engine.follow()
