@@ -65,8 +65,9 @@ def bench(fn, iters=200, warmup=20):
     return times[len(times) // 2]
 
 
-def kernel_time_ms(fn, iters=50):
-    """mean device time per call summed over all kernels launched (torch profiler)."""
+def kernel_time_ms(fn, iters=50, top=6):
+    """mean device time per call summed over all kernels launched (torch profiler), and the `top` kernels' names
+    with their microseconds per call."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -80,8 +81,8 @@ def kernel_time_ms(fn, iters=50):
         if ev.device_type == torch.autograd.DeviceType.CUDA:
             per_kernel[ev.name] = per_kernel.get(ev.name, 0.0) + ev.device_time_total
     total = sum(per_kernel.values()) / iters / 1000.0
-    top = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:6]
-    return total, [(name[:60], v / iters) for name, v in top]
+    heaviest = sorted(per_kernel.items(), key=lambda kv: -kv[1])[:top]
+    return total, [(name[:60], v / iters) for name, v in heaviest]
 
 
 def expert_bytes(ids, E, H, I):

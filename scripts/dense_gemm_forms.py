@@ -15,24 +15,16 @@ import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from bench_moe import bench  # noqa: E402
+
 from gptoss.kernels.moe_dense import dequantize_augmented, padded_columns  # noqa: E402
 
 E, H, I, K = 32, 2880, 2880, 4
 HP, IP = padded_columns(H), padded_columns(I)
 
 
-def median_us(fn, reps=10) -> float:
-    fn()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) * 1000)
-    return sorted(times)[len(times) // 2]
+def median_us(fn) -> float:
+    return bench(fn, iters=10, warmup=1) * 1000
 
 
 def per_expert_mm(a, w, ends, out):

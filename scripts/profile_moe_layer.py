@@ -8,16 +8,14 @@ import os
 import sys
 
 import torch
-from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from bench_moe import make_layers, tokens  # noqa: E402
+from bench_moe import kernel_time_ms, make_layers, tokens  # noqa: E402
 
 from gptoss.kernels import moe_triton as mt  # noqa: E402
 
 E, H, I, K = 32, 2880, 2880, 4
-CALLS = 5
 
 
 def main():
@@ -31,18 +29,10 @@ def main():
             return mt.moe_triton(x, w, ids, m1.blocks, m1.scales, b1, m2.blocks, m2.scales, b2, 7.0, path=path,
                                  residual=residual)
 
-        for _ in range(3):
-            run()
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            for _ in range(CALLS):
-                run()
-            torch.cuda.synchronize()
-        rows = sorted(((ev.self_device_time_total / CALLS, ev.count // CALLS, ev.key) for ev in prof.key_averages()
-                       if ev.self_device_time_total > 0), reverse=True)
-        print(f"{path}, {n} tokens: {sum(r[0] for r in rows):.0f} us of kernels a call", flush=True)
-        for us, count, name in rows[:14]:
-            print(f"  {us:8.1f} us  x{count}  {name[:90]}", flush=True)
+        total_ms, heaviest = kernel_time_ms(run, iters=5, top=14)
+        print(f"{path}, {n} tokens: {total_ms * 1000:.0f} us of kernels a call", flush=True)
+        for name, us in heaviest:
+            print(f"  {us:8.1f} us  {name}", flush=True)
 
 
 if __name__ == "__main__":
