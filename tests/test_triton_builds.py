@@ -155,7 +155,8 @@ def test_fast_path_kernels_build_before_hopper(tmp_path):
     # the kernels of a prefill, a decode step, the paged step, split-K attention, sampling and the dense GEMM
     # were all seen
     assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
-            "_decode_combine_kernel", "_race_kernel", "_dequantize_kernel", "_swiglu_rows_kernel"} <= names, names
+            "_decode_combine_kernel", "_race_kernel", "_dequantize_kernel", "_gather_rows_kernel",
+            "_swiglu_rows_kernel"} <= names, names
     print(run_test_script(__file__, "build", specs, *map(str, ARCHS)))
 
 

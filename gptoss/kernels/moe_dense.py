@@ -15,12 +15,14 @@ sum with its bias, as `F.linear` with a bias rounds it in the pure path.
 
 Costs scratch for a bf16 copy of one matrix of a layer's experts at a time (mlp1's: 1.07 GB for 32 experts of
 gpt-oss shapes) and the dequantizing pass (for 32 experts it reads 0.42 GB and writes 1.6 GB), a fixed cost per
-layer call that pays off once the experts hold enough rows. Measured on an H100 (20b shapes, 4 pairs a token, a
-layer call, CUDA-graph timed as `scripts/moe_crossover.py` times it, in two runs of one session) against
-`moe_triton`'s autotuned GEMM, us: 1,024 tokens 1,908 vs 1,009; 2,048: 2,146 vs 1,681; 3,072: 2,597 vs 2,250; 4,096:
-3,143 vs 3,025; 6,144: 3,764 vs 4,239; 8,192: 4,718 vs 5,513 (346 vs 296 TFLOP/s); 16,384: 8,154 vs 10,674. The
-dequantizing pass alone takes 573 + 288 us (mlp1 + mlp2, 2.35 TB/s). `moe_triton` runs this path where
-`dense_gemm_pays`.
+layer call that pays off once the experts hold enough rows. Around the GEMMs, one kernel gathers each expert's rows
+into the augmented matrix and records where each pair's row went, the SwiGLU reads each unit's gate and linear
+values as one contiguous pair, and the combine reads the outputs by sorted row (no copy back into pair order).
+Measured on an H100 (20b shapes, 4 pairs a token, a layer call, CUDA-graph timed as `scripts/moe_crossover.py`
+times it) against `moe_triton`'s autotuned GEMM, us: 2,048 tokens 1,942 vs 1,603; 3,072: 2,345 vs 2,339; 4,096:
+2,742 vs 3,056; 8,192: 4,237 vs 5,638. At 8,192 tokens the kernels of a call take 3,910 us (`python
+scripts/profile_moe_layer.py gemm_dense 8192`): the CUTLASS GEMMs 2,460, dequantizing 853 (~790 with the tiles
+below), SwiGLU 329, gathering the rows 111, combining 96. `moe_triton` runs this path where `dense_gemm_pays`.
 """
 
 from __future__ import annotations
@@ -42,9 +44,9 @@ try:
 except ImportError:  # pragma: no cover - the package works without Triton (pure path)
     HAS_TRITON = False
 
-# Rows per expert (token-expert pairs / experts) from which `moe_triton` runs this path: the crossover of the H100
-# figures above (about 4,500 tokens of 4 pairs over 32 experts, ~560 rows an expert).
-MIN_ROWS_PER_EXPERT = 576
+# Rows per expert (token-expert pairs / experts) from which `moe_triton` runs this path: between the H100 figures
+# above at 3,072 tokens (384 rows an expert of 20b's 32: level) and 4,096 (512 rows: 10% faster).
+MIN_ROWS_PER_EXPERT = 448
 # The most scratch the bf16 copy of mlp1's experts may take: gpt-oss-20b's 32 experts take 1.07 GB; -120b's 128
 # would take 4.3 GB beside 61 GB of weights on an 80 GB card, and keep the Triton GEMM.
 MAX_SCRATCH_BYTES = 2 << 30
@@ -92,13 +94,29 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[:, None] * KP + tail[None, :], val.to(tl.bfloat16), mask=(tail < KP)[None, :])
 
     @triton.jit
-    def _swiglu_rows_kernel(h_ptr, act_ptr, M, limit, I: tl.constexpr, IP: tl.constexpr, BLOCK: tl.constexpr):
+    def _gather_rows_kernel(x_ptr, order_ptr, rows_ptr, out_ptr, H: tl.constexpr, HP: tl.constexpr,
+                            K_ROUTE: tl.constexpr, BLOCK: tl.constexpr):
+        """Sorted row r of out = [x of pair order[r]'s token | 1 | 0 ...]; rows[order[r]] = r (where each pair's
+        output will be, for the combine)."""
+        r = tl.program_id(0).to(tl.int64)
+        pair = tl.load(order_ptr + r)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        val = tl.load(x_ptr + (pair // K_ROUTE).to(tl.int64) * H + cols, mask=cols < H, other=0.0)
+        val = tl.where(cols == H, 1.0, val)
+        tl.store(out_ptr + r * HP + cols, val.to(out_ptr.dtype.element_ty), mask=cols < HP)
+        if tl.program_id(1) == 0:
+            tl.store(rows_ptr + pair, r.to(tl.int32))
+
+    @triton.jit
+    def _swiglu_rows_kernel(h_ptr, act_ptr, limit, I: tl.constexpr, IP: tl.constexpr, BLOCK: tl.constexpr):
         """act[m, :I] = SwiGLU of h[m] (gate 2u, linear 2u + 1), act[m, I] = 1, zeros to IP."""
         m = tl.program_id(0).to(tl.int64)
         u = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         um = u < I
-        glu = tl.load(h_ptr + m * (2 * I) + 2 * u, mask=um, other=0.0).to(tl.float32)
-        lin = tl.load(h_ptr + m * (2 * I) + 2 * u + 1, mask=um, other=0.0).to(tl.float32)
+        # (BLOCK, 2): each unit's gate and linear values, one contiguous run of h's row
+        pair = tl.load(h_ptr + m * (2 * I) + 2 * u[:, None] + tl.arange(0, 2)[None, :], mask=um[:, None],
+                       other=0.0).to(tl.float32)
+        glu, lin = tl.split(pair)
         out = tl.where(um, _swiglu(glu, lin, limit, tl.bfloat16), tl.where(u == I, 1.0, 0.0))
         tl.store(act_ptr + m * IP + u, out.to(tl.bfloat16), mask=u < IP)
 
@@ -111,7 +129,9 @@ def dequantize_augmented(blocks: torch.Tensor, scales: torch.Tensor, bias: torch
     K, KP = 32 * G, padded_columns(32 * G)
     if out is None:
         out = torch.empty((E, R, KP), dtype=torch.bfloat16, device=blocks.device)
-    rows, groups = (4, 4) if triton_interpreting() else (16, 16)
+    # weight rows and 32-input groups a program: the best of `_dequantize_kernel`'s tiles on an H100 (mlp1 / mlp2 of
+    # 20b, us): 4 x 32 526 / 265 (2.57 TB/s); 8 x 32 528 / 267; 16 x 16 570 / 289; 16 x 8 647 / 325
+    rows, groups = (4, 4) if triton_interpreting() else (4, 32)
     assert (E * R) % rows == 0, "rows a program must divide the matrices' rows"
     _dequantize_kernel[((E * R) // rows, triton.cdiv(G, groups))](
         blocks, scales, bias, out, K=K, KP=KP, ROWS=rows, GROUPS=groups, DENORM=_denorm_default(), num_warps=4)
@@ -119,10 +139,11 @@ def dequantize_augmented(blocks: torch.Tensor, scales: torch.Tensor, bias: torch
 
 
 def mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
-                   limit: float, k_route: int) -> torch.Tensor:
-    """Both expert matmuls of the MoE for pairs sorted by expert (`moe_mma.mlp_mma_gemm`'s contract): x (N, H)
-    bf16, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16,
-    each pair's expert output with its bias, by pair."""
+                   limit: float, k_route: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both expert matmuls of the MoE for pairs sorted by expert (the inputs of `moe_mma.mlp_mma_gemm`): x (N, H)
+    bf16 contiguous, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert ->
+    (y (M, H) bf16: each pair's expert output with its bias, by sorted row; rows (M,) int32: pair -> its row of y).
+    The combine reads y through rows, so the outputs are never copied back into pair order."""
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
@@ -130,22 +151,18 @@ def mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     HP, IP = padded_columns(H), padded_columns(I)
     w1 = dequantize_augmented(mlp1_blocks, mlp1_scales, mlp1_bias)  # (E, 2I, HP)
     x_aug = torch.empty((M, HP), dtype=torch.bfloat16, device=x.device)
-    x_aug[:, :H] = x[order.long() // k_route]
-    x_aug[:, H] = 1.0
-    x_aug[:, H + 1:] = 0.0
+    rows = torch.empty(M, dtype=torch.int32, device=x.device)
+    block = 1024
+    _gather_rows_kernel[(M, triton.cdiv(HP, block))](x, order, rows, x_aug, H=H, HP=HP, K_ROUTE=k_route,
+                                                      BLOCK=block, num_warps=4)
     offs = seg_end.to(torch.int32)
     h = F.grouped_mm(x_aug, w1.transpose(1, 2), offs=offs)  # (M, 2I)
     del w1, x_aug
     act = torch.empty((M, IP), dtype=torch.bfloat16, device=x.device)
-    block = 256
-    _swiglu_rows_kernel[(M, triton.cdiv(IP, block))](h, act, M, float(limit), I=I, IP=IP, BLOCK=block,
-                                                     num_warps=4)
+    _swiglu_rows_kernel[(M, triton.cdiv(IP, block))](h, act, float(limit), I=I, IP=IP, BLOCK=block, num_warps=4)
     del h
     w2 = dequantize_augmented(mlp2_blocks, mlp2_scales, mlp2_bias)  # (E, H, IP)
-    y_sorted = F.grouped_mm(act, w2.transpose(1, 2), offs=offs)  # (M, H)
-    y = torch.empty_like(y_sorted)
-    y.index_copy_(0, order.long(), y_sorted)
-    return y
+    return F.grouped_mm(act, w2.transpose(1, 2), offs=offs), rows  # (M, H) by sorted row
 
 
 def dense_gemm_available(x: torch.Tensor) -> bool:

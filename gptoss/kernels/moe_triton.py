@@ -294,10 +294,11 @@ if HAS_TRITON:
                 tl.store(y_ptr + p * H + hs, y.to(y_ptr.dtype.element_ty), mask=hmask)
 
     @triton.jit
-    def _combine_kernel(y_ptr, rw_ptr, res_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                        RESIDUAL: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
-        """out[n] = sum_k w(n, k) * y[pair], pair = n * K + k, summed in float32 in a fixed order and cast to
-        out's dtype (one launch instead of torch's sum + cast; no atomics, so deterministic). RESIDUAL:
+    def _combine_kernel(y_ptr, rw_ptr, res_ptr, rows_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
+                        RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+        """out[n] = sum_k w(n, k) * y[row of pair], pair = n * K + k (the row: rows[pair] with ROWS, else the
+        pair), summed in float32 in a fixed order and cast to out's dtype (one launch instead of torch's sum +
+        cast; no atomics, so deterministic). RESIDUAL:
         out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add)."""
         n = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -306,7 +307,8 @@ if HAS_TRITON:
         acc = tl.zeros((BLOCK,), dtype=tl.float32)
         for k in tl.static_range(K_ROUTE):
             p = n * K_ROUTE + k
-            y = tl.load(y_ptr + p * H + hs, mask=hm, other=0.0).to(tl.float32)
+            row = tl.load(rows_ptr + p).to(tl.int64) if ROWS else p
+            y = tl.load(y_ptr + row * H + hs, mask=hm, other=0.0).to(tl.float32)
             acc += tl.load(rw_ptr + p).to(tl.float32) * y
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
@@ -784,9 +786,9 @@ def moe_triton(
     if path == "gemm_dense":
         from gptoss.kernels.moe_dense import mlp_dense_gemm
 
-        y = mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
-                           mlp2_bias, limit, K)
-        return _combine(y, weights, residual, x.dtype)
+        y, rows = mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
+                                 mlp2_bias, limit, K)
+        return _combine(y, weights, residual, x.dtype, rows=rows)
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
     y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order
     EP = _next_pow2(E)
@@ -835,17 +837,20 @@ def group_pairs(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     return order.to(torch.int32), torch.cumsum(counts, 0, dtype=torch.int32)
 
 
-def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None, dtype) -> torch.Tensor:
-    """y (N * K, H) expert outputs by pair, weights (N, K) -> (N, H): the routing-weighted sum (+ residual)."""
+def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None, dtype,
+             rows: torch.Tensor | None = None) -> torch.Tensor:
+    """y (N * K, H) expert outputs by pair (or where rows (N * K,) int32 says each pair's is), weights (N, K) ->
+    (N, H): the routing-weighted sum (+ residual)."""
     n, k = weights.shape
     h = y.shape[1]
     out = torch.empty((n, h), device=y.device, dtype=dtype)
     block = 1024
     res = out if residual is None else residual.contiguous()
     pdl = pdl_enabled(y)
-    _combine_kernel[(n, triton.cdiv(h, block))](y, weights.reshape(-1).contiguous(), res, out, H=h, K_ROUTE=k,
-                                                RESIDUAL=residual is not None, BLOCK=block, PDL=pdl, num_warps=4,
-                                                launch_pdl=pdl)
+    _combine_kernel[(n, triton.cdiv(h, block))](y, weights.reshape(-1).contiguous(), res,
+                                                y if rows is None else rows, out, H=h, K_ROUTE=k,
+                                                RESIDUAL=residual is not None, ROWS=rows is not None, BLOCK=block,
+                                                PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
