@@ -210,8 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--decode-tokens", type=int, default=128, help="tokens timed per decode run (default 128)")
     bench.add_argument("--compare", choices=("hf",), help="also run Hugging Face transformers on the same weights")
     bench.add_argument("--json", help="write the results to this file")
-    bench.add_argument("--serve", type=int, metavar="N", help="instead: output tokens/s of the batching engine with "
-                       "N concurrent requests (1024-token prompts, 256 output tokens each)")
+    bench.add_argument("--serve", type=_positive_int, metavar="N", help="instead: output tokens/s of the batching "
+                       "engine with N concurrent requests (1024-token prompts, 256 output tokens each)")
     bench.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
                        help="with --serve: tokens one prefill step packs at most (default 8192)")
     bench.set_defaults(func=cmd_bench)
@@ -244,8 +244,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=_positive_int, default=64,
                        help="requests decoded together (default 64)")
     serve.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
-                       help="tokens one prefill step packs at most (default 8192): larger steps keep the GPU busier, at "
-                       "the cost of more memory a step and a later first token for a burst's first requests")
+                       help="tokens one prefill step packs at most (default 8192): larger steps keep the GPU busier, "
+                       "at the cost of more memory a step and a later first token for a burst's first requests")
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint "
                        "folder's name)")
     serve.set_defaults(func=_lazy("gptoss.server", "cmd_serve"))

@@ -73,10 +73,11 @@ def test_serve_refuses_a_busy_port_before_loading(tmp_path):
                                                   "Address already in use"]
 
 
-@pytest.mark.parametrize("option", ["--max-batch-size", "--max-prefill-tokens"])
+@pytest.mark.parametrize("command, option", [("serve", "--max-batch-size"), ("serve", "--max-prefill-tokens"),
+                                             ("bench", "--serve"), ("bench", "--max-prefill-tokens")])
 @pytest.mark.parametrize("value", ["0", "-3", "many"])
-def test_serve_engine_limits_must_be_positive(option, value):
-    result = gptoss("serve", option, value)
+def test_engine_limits_must_be_positive(command, option, value):
+    result = gptoss(command, option, value)
     assert result.returncode == 2 and f"expected a positive integer, got '{value}'" in result.stderr
 
 
