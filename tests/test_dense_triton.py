@@ -79,7 +79,9 @@ def test_route_ties_take_the_lowest_id():
 
 
 GEMV_SHAPES = [(40, 96), (7, 64)] if INTERPRET else [(5120, 2880), (2880, 4096), (32, 2880), (201, 100)]
-GEMV_CONFIGS = [{"BLOCK_R": 8, "BLOCK_K": 32}, {"BLOCK_R": 16, "BLOCK_K": 64}] if INTERPRET else [None]
+# several steps a row, and one step taking the whole row (as the 4096-input tiles do); on the GPU also the autotuned
+GEMV_CONFIGS = ([{"BLOCK_R": 8, "BLOCK_K": 32}, {"BLOCK_R": 16, "BLOCK_K": 64}, {"BLOCK_R": 2, "BLOCK_K": 128}]
+                if INTERPRET else [None, {"BLOCK_R": 2, "BLOCK_K": 4096, "num_warps": 8}])
 
 
 @pytest.mark.parametrize("config", GEMV_CONFIGS)
