@@ -146,24 +146,23 @@ def _targets(text: str) -> tuple[str, ...]:
     return targets
 
 
-def _positive_int(text: str) -> int:
+def _int_in(text: str, low: int, high: float, expected: str) -> int:
+    """text as an int in low..high, else the argparse error "expected <expected>, got <text>"."""
     try:
         value = int(text)
     except ValueError:
-        value = 0
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+        value = None
+    if value is None or not low <= value <= high:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
 
 
+def _positive_int(text: str) -> int:
+    return _int_in(text, 1, float("inf"), "a positive integer")
+
+
 def _port(text: str) -> int:
-    try:
-        port = int(text)
-    except ValueError:
-        port = -1
-    if not 0 <= port <= 65535:
-        raise argparse.ArgumentTypeError(f"expected a port number 0-65535, got {text!r}")
-    return port
+    return _int_in(text, 0, 65535, "a port number 0-65535")
 
 
 def build_parser() -> argparse.ArgumentParser:
