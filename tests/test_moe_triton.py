@@ -19,7 +19,7 @@ from gptoss.kernels.moe_triton import (  # noqa: E402
     _fp4_unscaled,
     _scale_value,
     _swiglu,
-    GROUP_MAX_PAIRS,
+    GROUP_ONEHOT,
     group_pairs,
     moe_fast_available,
     moe_triton,
@@ -209,11 +209,15 @@ def test_interpret_swiglu_rounds_as_torch():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pairs, experts", [(1, 32), (3, 32), (64, 32), (256, 32), (GROUP_MAX_PAIRS, 32), (40, 128),
-                                            (GROUP_MAX_PAIRS + 1, 32)])
+ONE_CHUNK = GROUP_ONEHOT // 32  # pairs of 32 experts that one program groups alone
+
+
+@pytest.mark.parametrize("pairs, experts", [(1, 32), (3, 32), (64, 32), (256, 32), (ONE_CHUNK, 32), (40, 128),
+                                            (ONE_CHUNK + 1, 32), (4096, 32), (20000, 32), (1000, 128), (9000, 128)])
 def test_group_pairs_is_a_stable_sort(pairs, experts):
-    """The one-program grouping (and the torch.sort path above GROUP_MAX_PAIRS) equal a stable sort by expert;
-    skewed ids leave some experts without pairs."""
+    """The grouping equals a stable sort by expert: in one program up to a chunk of pairs, above that in chunks
+    placed after the counts of those before them (9,000 pairs of 128 experts: 36 chunks, whose counts the second
+    kernel reads in two blocks); skewed ids leave some experts without pairs."""
     if not (GPU or INTERPRET):
         pytest.skip("needs CUDA or the interpreter")
     device = "cuda" if GPU else "cpu"
