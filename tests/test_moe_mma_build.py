@@ -52,15 +52,10 @@ def build_wgmma() -> None:
     """Compiles the Hopper kernels of gptoss.kernels.moe_wgmma (every tile candidate) for sm_90."""
     from gptoss.kernels import moe_wgmma
 
-    # every candidate as shipped; the first also with its words staged in shared memory 2 or 3 steps ahead
-    # (branch exp-wgmma-wsmem)
-    R0, T0, warps0 = moe_wgmma._CONFIGS[0]
-    tiles = [(R, T, warps, dict(WSMEM=False, WAHEAD=2)) for R, T, warps in moe_wgmma._CONFIGS]
-    tiles += [(R0, T0, warps0, dict(WSMEM=True, WAHEAD=ahead)) for ahead in (2, 3)]
-    for R, T, warps, option in tiles:
+    for R, T, warps in moe_wgmma._CONFIGS:
         for kernel, constants in (
-                (moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T, **option)),
-                (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T, **option))):
+                (moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T)),
+                (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T))):
             assert "wgmma.mma_async.sync.aligned" in build(kernel, constants, 90, warps).asm["ptx"], kernel.__name__
     build(moe_wgmma._gather_permuted_kernel, dict(H=H, HP=HP, K_ROUTE=4, ROWS=16), 90, 4)
 

@@ -408,15 +408,9 @@ def _wgmma_configs():
 wgmma_only = pytest.mark.skipif(not GPU or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 
 
-@pytest.fixture
-def wgmma_on(monkeypatch):
-    """moe_wgmma serves only where asked for (GPTOSS_MOE_GEMM=wgmma)."""
-    monkeypatch.setenv("GPTOSS_MOE_GEMM", "wgmma")
-
-
 @wgmma_only
 @pytest.mark.parametrize("tile", _wgmma_configs())
-def test_gpu_every_wgmma_tile_candidate(tile, wgmma_on):
+def test_gpu_every_wgmma_tile_candidate(tile):
     """Each candidate the autotuner may pick computes the same function: against the pure path and, tighter,
     against the Triton GEMM (a short and a long prefill, real shapes)."""
     config = dict(zip(("R", "T", "num_warps"), tile))
@@ -427,7 +421,7 @@ def test_gpu_every_wgmma_tile_candidate(tile, wgmma_on):
 
 @wgmma_only
 @pytest.mark.parametrize("N", [1, 3, 40, 129])
-def test_gpu_wgmma_tails(N, wgmma_on):
+def test_gpu_wgmma_tails(N):
     """Fewer 32-input blocks than a step takes (H = I = 96: 3), weight rows fewer than a tile, tokens fewer than a
     tile and an expert's rows over several tiles, and the largest scale byte the kernels take (128)."""
     for config in ({"R": 128, "T": 64, "num_warps": 8}, {"R": 64, "T": 128, "num_warps": 4}):
@@ -436,7 +430,7 @@ def test_gpu_wgmma_tails(N, wgmma_on):
 
 
 @wgmma_only
-def test_gpu_wgmma_skewed_routing_and_large_scales(wgmma_on):
+def test_gpu_wgmma_skewed_routing_and_large_scales():
     """All tokens on 4 experts (each expert's rows span many tiles); scale bytes above 128 make path gemm take
     the Triton GEMM, and forcing gemm_wgmma is refused."""
     check_skewed_routing("gemm_wgmma", seed=15)

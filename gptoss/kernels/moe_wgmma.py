@@ -51,8 +51,7 @@ try:  # Gluon's API is experimental: any mismatch disables this path, never the 
                                                                   warpgroup_mma_wait)
 
     from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _copy_layout, _copy_to_shared, _cta_barrier, _load_mult,
-                                        _load_step, _log2, _mlp1_outputs, _mlp2_store, _step_layout, _tile,
-                                        kernel_pair)
+                                        _log2, _mlp1_outputs, _mlp2_store, _step_layout, _tile, kernel_pair)
 
     HAS_WGMMA = True
 except Exception:  # pragma: no cover - depends on the installed Triton
@@ -65,9 +64,9 @@ HOPPER_ONLY = True
 
 def wgmma_gemm_available(x: torch.Tensor) -> bool:
     """Whether these kernels can serve x's device: Gluon's Hopper API importable, an sm_90 GPU, bf16 activations,
-    and asked for with GPTOSS_MOE_GEMM=wgmma (not yet the default: see the module docstring)."""
+    and not turned off with GPTOSS_MOE_GEMM=triton."""
     return (HAS_WGMMA and x.is_cuda and x.dtype == torch.bfloat16
-            and os.environ.get("GPTOSS_MOE_GEMM", "mma") == "wgmma"
+            and os.environ.get("GPTOSS_MOE_GEMM", "mma") != "triton"
             and cuda_capability(x)[0] == 9)
 
 
@@ -155,24 +154,18 @@ if HAS_WGMMA:
 
     @gluon.jit
     def _wgmma_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, KP: gl.constexpr, T: gl.constexpr,
-                    NW: gl.constexpr, WSMEM: gl.constexpr, WAHEAD: gl.constexpr):
+                    NW: gl.constexpr):
         """sum_k W[wrow[r], k] * X[xrow[n], k] -> (R, T) float32 in `_acc_layout`, for packed rows wrow (R,) int64
         of a (., KDIM) MXFP4 matrix (w_ptr: its int32 words) and activation rows xrow (T,) int64 of a (., KP)
         bf16 matrix whose columns are in the MMA's k order (`_mma_columns`; KP = KDIM rounded up to 128, zeros
         past KDIM). Every row index must be valid (callers point unused rows at a real one and drop their
-        results). wrow in `_row_layout`, xrow in SliceLayout(1, `_copy_layout`).
-
-        WSMEM (experiment): the packed words are copied into shared memory by `cp.async`, WAHEAD (2 or 3) steps
-        ahead, in the activations' commit groups, and read from there by each thread just before its decode;
-        otherwise they are loaded into registers two steps ahead."""
+        results). wrow in `_row_layout`, xrow in SliceLayout(1, `_copy_layout`)."""
         R: gl.constexpr = wrow.shape[0]
         sl: gl.constexpr = _step_layout(R, NW)
         wl: gl.constexpr = gl.SliceLayout(2, sl)
         G: gl.constexpr = KDIM // 32
         STEPS: gl.constexpr = KP // 128
         t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))[None, :]
-        pw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))
-        w_ptrs = w_ptr + wrow[:, None, None] * (KDIM // 8) + pw[None, None, :]
         s_ptrs = s_ptr + wrow[:, None] * G
         kx = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))
         x_ptrs = x_ptr + xrow[:, None] * KP + kx[None, :]
@@ -185,15 +178,15 @@ if HAS_WGMMA:
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()))
-        # with WSMEM, a step's packed words (R, 4 blocks, 4 words) in four buffers of their own (one word a buffer
-        # otherwise: unused); the buffer step q + WAHEAD's copy overwrites was last read at step q + WAHEAD - 4 < q,
-        # before step q's barrier
-        WR: gl.constexpr = R if WSMEM else 1
+        # a step's packed words (R, 4 blocks, 4 words): copied WORDS_AHEAD steps ahead into four buffers of their
+        # own; the buffer step q + WORDS_AHEAD's copy overwrites was last read at step q - 1, before step q's
+        # barrier
+        WORDS_AHEAD: gl.constexpr = 3
         wsh: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
-        wbufs = (gl.allocate_shared_memory(gl.int32, [WR, 4, 4], wsh),
-                 gl.allocate_shared_memory(gl.int32, [WR, 4, 4], wsh),
-                 gl.allocate_shared_memory(gl.int32, [WR, 4, 4], wsh),
-                 gl.allocate_shared_memory(gl.int32, [WR, 4, 4], wsh))
+        wbufs = (gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh))
         wcl: gl.constexpr = _wcopy_layout(NW)
         wr_c = gl.convert_layout(wrow, gl.SliceLayout(1, gl.SliceLayout(2, wcl)))
         pq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, wcl)))
@@ -201,64 +194,46 @@ if HAS_WGMMA:
         tq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, wcl)))[None, :, None]  # (1, 4, 1)
         for i in gl.static_range(2):
             _copy_to_shared(bufs[i], x_ptrs + gl.minimum(i, STEPS - 1) * 128)
-            if WSMEM:  # the first group takes the words of steps 0 .. WAHEAD - 2, the second step WAHEAD - 1's
-                if i == 0:
-                    for w in gl.static_range(WAHEAD - 1):
-                        _copy_words(wbufs[w], wc_rows, tq, w, STEPS, G)
-                else:
-                    _copy_words(wbufs[WAHEAD - 1], wc_rows, tq, WAHEAD - 1, STEPS, G)
+            if i == 0:  # the first group takes the words of steps 0 .. WORDS_AHEAD - 2, the second the next step's
+                for w in gl.static_range(WORDS_AHEAD - 1):
+                    _copy_words(wbufs[w], wc_rows, tq, w, STEPS, G)
+            else:
+                _copy_words(wbufs[WORDS_AHEAD - 1], wc_rows, tq, WORDS_AHEAD - 1, STEPS, G)
             async_copy.commit_group()
-        # weights of the step in hand and the next: loaded two steps ahead of their MMA too
-        if WSMEM:
-            wd0 = gl.zeros([R, 4, 4], gl.int32, sl)
-            wd1 = wd0
-            mult0 = _load_mult(s_ptrs, t4, 0, G)
-            mult1 = _load_mult(s_ptrs, t4, 1, G)
-        else:
-            wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
-            wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
+        # block multipliers of the step in hand and the next, loaded into registers two steps ahead of their MMA
         s = (gl.zeros([R, T], gl.float32, _acc_layout(NW, T)),  # the accumulators
              gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T)),  # the A registers of the MMA in flight
-             wd0, mult0, wd1, mult1)
+             _load_mult(s_ptrs, t4, 0, G), _load_mult(s_ptrs, t4, 1, G))
         for q in range(0, STEPS - 3, 4):
             for i in gl.static_range(4):
-                s = _wgmma_step(q + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i], wbufs[(i + WAHEAD) % 4], wc_rows,
-                                tq, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WSMEM, WAHEAD)
+                s = _wgmma_step(q + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i], wbufs[(i + WORDS_AHEAD) % 4],
+                                wc_rows, tq, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WORDS_AHEAD)
         for i in gl.static_range(STEPS % 4):  # the steps after the last whole rotation, in the same rotation
-            s = _wgmma_step(STEPS - STEPS % 4 + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i], wbufs[(i + WAHEAD) % 4],
-                            wc_rows, tq, w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WSMEM, WAHEAD)
+            s = _wgmma_step(STEPS - STEPS % 4 + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i],
+                            wbufs[(i + WORDS_AHEAD) % 4], wc_rows, tq, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WORDS_AHEAD)
         acc = warpgroup_mma_wait(0, deps=[s[0]])
         async_copy.wait_group(0)
         return acc
 
     @gluon.jit
-    def _wgmma_step(q, s, buf, buf_ahead, wbuf, wbuf_ahead, wc_rows, tq, w_ptrs, s_ptrs, t4, x_ptrs, G: gl.constexpr,
-                    STEPS: gl.constexpr, NW: gl.constexpr, T: gl.constexpr, WSMEM: gl.constexpr,
-                    WAHEAD: gl.constexpr):
-        """Step q of `_wgmma_rows`: its MMA (activations in buf) issued, the previous one retired, step q + 2's
-        activations copied into buf_ahead and its weights loaded (with WSMEM: step q's words read from wbuf, step
-        q + WAHEAD's copied into wbuf_ahead). s: (accumulators, A registers of the MMA in flight, step q's words
-        and multipliers, step q + 1's) -> the same for step q + 1."""
-        acc, a_prev, wd0, mult0, wd1, mult1 = s
+    def _wgmma_step(q, s, buf, buf_ahead, wbuf, wbuf_ahead, wc_rows, tq, s_ptrs, t4, x_ptrs, G: gl.constexpr,
+                    STEPS: gl.constexpr, NW: gl.constexpr, T: gl.constexpr, WORDS_AHEAD: gl.constexpr):
+        """Step q of `_wgmma_rows`: its words read from wbuf and decoded, its MMA (activations in buf) issued, the
+        previous one retired, step q + 2's activations copied into buf_ahead and step q + WORDS_AHEAD's words into
+        wbuf_ahead, step q + 2's multipliers loaded. s: (accumulators, A registers of the MMA in flight, step q's
+        multipliers, step q + 1's) -> the same for step q + 1."""
+        acc, a_prev, mult0, mult1 = s
         async_copy.wait_group(1)  # this thread's copies of step q have landed
         _cta_barrier()  # and every thread's
         fence_async_shared()  # (cumulative) before the async proxy of the MMA reads them
-        if WSMEM:
-            wd0 = wbuf.load(_step_layout(wd0.shape[0], NW))
-        a = _decode_step(wd0, mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
+        a = _decode_step(wbuf.load(_step_layout(mult0.shape[0], NW)), mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
         acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
         # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
         acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
         _copy_to_shared(buf_ahead, x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
-        if WSMEM:
-            _copy_words(wbuf_ahead, wc_rows, tq, q + WAHEAD, STEPS, G)
+        _copy_words(wbuf_ahead, wc_rows, tq, q + WORDS_AHEAD, STEPS, G)
         async_copy.commit_group()
-        if WSMEM:
-            wd2 = wd1
-            mult2 = _load_mult(s_ptrs, t4, q + 2, G)
-        else:
-            wd2, mult2 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
-        return acc, a, wd1, mult1, wd2, mult2
+        return acc, a, mult1, _load_mult(s_ptrs, t4, q + 2, G)
 
     @gluon.constexpr_function
     def _row_layout(r, nw):
@@ -279,8 +254,6 @@ if HAS_WGMMA:
         H: gl.constexpr, HP: gl.constexpr, I: gl.constexpr, IP: gl.constexpr, EP: gl.constexpr,
         R: gl.constexpr,  # weight rows per program (R / 2 SwiGLU units)
         T: gl.constexpr,  # sorted rows (tokens) per tile
-        WSMEM: gl.constexpr = False,  # experiment: the packed words staged in shared memory (`_wgmma_rows`)
-        WAHEAD: gl.constexpr = 2,
     ):
         NW: gl.constexpr = gl.num_warps()
         j = gl.program_id(1)
@@ -293,7 +266,7 @@ if HAS_WGMMA:
             r = gl.arange(0, R, layout=_row_layout(R, NW))
             unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
             wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
-            acc = _wgmma_rows(w_ptr, s_ptr, wrow, xp_ptr, rows.to(gl.int64), H, HP, T, NW, WSMEM, WAHEAD)  # (R, T)
+            acc = _wgmma_rows(w_ptr, s_ptr, wrow, xp_ptr, rows.to(gl.int64), H, HP, T, NW)  # (R, T)
             out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
             gl.store(act_ptr + ts.to(gl.int64)[:, None] * IP + _mma_columns(us)[None, :], out,
                      mask=(ts < end)[:, None] & (us < I)[None, :])
@@ -312,8 +285,6 @@ if HAS_WGMMA:
         H: gl.constexpr, I: gl.constexpr, IP: gl.constexpr, EP: gl.constexpr,
         R: gl.constexpr,  # output features per program
         T: gl.constexpr,
-        WSMEM: gl.constexpr = False,
-        WAHEAD: gl.constexpr = 2,
     ):
         NW: gl.constexpr = gl.num_warps()
         j = gl.program_id(1)
@@ -321,8 +292,7 @@ if HAS_WGMMA:
         if e < E:
             rows = gl.minimum(start + gl.arange(0, T, layout=gl.SliceLayout(1, _copy_layout(NW))), end - 1)
             hs = gl.minimum(j * R + gl.arange(0, R, layout=_row_layout(R, NW)), H - 1)
-            acc = _wgmma_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, IP, T, NW, WSMEM,
-                              WAHEAD)
+            acc = _wgmma_rows(w_ptr, s_ptr, e.to(gl.int64) * H + hs, act_ptr, rows.to(gl.int64), I, IP, T, NW)
             _mlp2_store(acc, e, j, start, end, order_ptr, b_ptr, y_ptr, H)
 
     # (R, T, warps) candidates, autotuned per (shapes, E, M bucket) on the first call
@@ -354,8 +324,6 @@ def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
     k1, k2, opts = kernel_pair((_mlp1_swiglu_wgmma_kernel, _mlp2_wgmma_kernel), _CONFIGS, config, _TUNED)
-    opts["WSMEM"] = os.environ.get("GPTOSS_EXP_WSMEM", "0") == "1"
-    opts["WAHEAD"] = int(os.environ.get("GPTOSS_EXP_WAHEAD", "2"))
     _gather_permuted_kernel[(triton.cdiv(M, 16),)](x, order, xp, M, H=H, HP=HP, K_ROUTE=k_route, ROWS=16,
                                                    num_warps=4)
     k1[lambda m: (n_tiles(m["T"]), triton.cdiv(2 * I, m["R"]))](
