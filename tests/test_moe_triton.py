@@ -430,6 +430,24 @@ def test_gpu_wgmma_tails(N):
 
 
 @wgmma_only
+def test_gpu_hopper_gemm_dispatch(monkeypatch):
+    """On sm_90 path "gemm" takes moe_mma up to MMA_MAX_TOKENS, moe_wgmma above, the dense GEMM from
+    MIN_ROWS_PER_EXPERT rows an expert; GPTOSS_MOE_GEMM=triton leaves this module's GEMM in their place."""
+    from gptoss.kernels.moe_dense import MIN_ROWS_PER_EXPERT
+    from gptoss.kernels.moe_triton import MMA_MAX_TOKENS, _gemm_kernels
+
+    x = torch.zeros(1, 2880, dtype=torch.bfloat16, device="cuda")
+    scales = torch.full((32, 5760, 90), 127, dtype=torch.uint8, device="cuda")
+    dense_from = MIN_ROWS_PER_EXPERT * 32 // 4  # tokens of 4 pairs
+    assert _gemm_kernels(MMA_MAX_TOKENS, 4, x, scales, scales) == "gemm_mma"
+    assert _gemm_kernels(MMA_MAX_TOKENS + 1, 4, x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from - 1, 4, x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from, 4, x, scales, scales) == "gemm_dense"
+    monkeypatch.setenv("GPTOSS_MOE_GEMM", "triton")
+    assert _gemm_kernels(1024, 4, x, scales, scales) == "gemm_triton"
+
+
+@wgmma_only
 def test_gpu_wgmma_skewed_routing_and_large_scales():
     """All tokens on 4 experts (each expert's rows span many tiles); scale bytes above 128 make path gemm take
     the Triton GEMM, and forcing gemm_wgmma is refused."""

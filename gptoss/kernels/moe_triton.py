@@ -82,9 +82,17 @@ SWIGLU_ALPHA = 1.702
 # with moe_mma's activations staged in shared memory (H200, a later session, the best of the fixed tiles tried):
 #   N=64 201.2 vs 259.9, N=256 361.8 vs 438.6, N=512 609.7 vs 653.9, N=1024 1032.4 vs 1017.2 (this module's GEMM,
 #   autotuned).
+# Above MMA_MAX_TOKENS on an H100 (this session's moe_wgmma: packed words staged in shared memory), us:
+#   tokens  Triton GEMM  moe_mma  moe_wgmma  moe_dense
+#      768        754.7    818.0      619.3     1502.9
+#     1024        982.3   1000.9      875.9     1737.4
+#     2048       1761.9   1723.5     1561.7     1838.0
+#     3072       2317.8   2498.9     2388.9     2247.9
+#     4096       2948.4   3233.2     3121.8     2581.5
 # So: the GEMV at one token; the tensor-core GEMM from MMA_MIN_TOKENS to MMA_MAX_TOKENS where it serves (bf16
-# activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; this module's GEMM above, or
-# for long prefills on Hopper the dequantizing grouped GEMM of gptoss.kernels.moe_dense (MIN_ROWS_PER_EXPERT there).
+# activations, Gluon, sm_80+), the GEMV up to DECODE_MAX_TOKENS where it does not; above, on Hopper, the
+# dequantizing grouped GEMM of gptoss.kernels.moe_dense for long prefills (MIN_ROWS_PER_EXPERT there) and
+# gptoss.kernels.moe_wgmma below that; this module's GEMM elsewhere.
 MMA_MIN_TOKENS = 2
 MMA_MAX_TOKENS = 512
 # The GEMV against this module's GEMM (H100, with the GEMM's dot_scaled tiles): 185 vs 186 us at 6 tokens, 238 vs
@@ -727,15 +735,16 @@ def _dense_gemm_serves(x: torch.Tensor) -> bool:
 
 def _gemm_kernels(n: int, k: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
     """The grouped GEMM that path "gemm" runs for n tokens of k pairs: the tensor-core kernels where they serve
-    (see MMA_MAX_TOKENS), the dequantizing grouped GEMM where it pays (long prefills), else this module's."""
+    (moe_mma up to MMA_MAX_TOKENS), the dequantizing grouped GEMM where it pays (long prefills), Hopper's
+    moe_wgmma in between, else this module's."""
     from gptoss.kernels.moe_dense import dense_gemm_pays
 
     if n <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         return "gemm_mma"
-    if n > MMA_MAX_TOKENS and _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
-        return "gemm_wgmma"
     if n > MMA_MAX_TOKENS and dense_gemm_pays(x, n * k, mlp1_scales):
         return "gemm_dense"
+    if n > MMA_MAX_TOKENS and _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
+        return "gemm_wgmma"
     return "gemm_triton"
 
 
