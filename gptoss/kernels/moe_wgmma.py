@@ -19,7 +19,10 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
     memory by `cp.async` two steps ahead into four buffers; after a wait, a CTA barrier and a fence for the async
     proxy every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
     decodes step q's weights while its MMA of step q - 1 runs, and retires that MMA after issuing step q's. The
-    packed weights are loaded into registers two steps ahead.
+    packed weights are copied to shared memory by `cp.async` too, three steps ahead, in the activations' commit
+    groups, and each thread reads its own words back just before decoding them; their block multipliers are
+    loaded into registers two steps ahead. Loading the words straight into registers two steps ahead, as moe_mma
+    does, was 10-23% slower on an H100 (a 20b layer call at 1,024 tokens, tile 128 x 128: 957 against 862 us).
   * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
     activations.
 
@@ -30,8 +33,9 @@ these kernels in its place. Numerics: exact bf16 weights (scale bytes up to moe_
 and sums on the tensor cores, outputs rounded as the other GEMMs round them.
 
 Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
-Status: opt-in (GPTOSS_MOE_GEMM=wgmma): correct on the GPU, but on an H100 no faster than `moe_triton`'s GEMM
-(a 20b layer call at 1,024 tokens 1,071 against 1,063 us, at 8,192 6.76 against 5.60 ms; docs/performance.md).
+`moe_triton` runs it on sm_90 between MMA_MAX_TOKENS and the dense GEMM's threshold: a 20b layer call on an H100
+(`scripts/moe_crossover.py`) 619 against 755 us for `moe_triton`'s GEMM at 768 tokens, 876 against 982 at 1,024,
+1,562 against 1,762 at 2,048; GPTOSS_MOE_GEMM=triton turns it off.
 """
 
 from __future__ import annotations
