@@ -19,7 +19,7 @@ from gptoss.kernels.moe_triton import (  # noqa: E402
     _fp4_unscaled,
     _scale_value,
     _swiglu,
-    GROUP_MAX_PAIRS,
+    GROUP_ONEHOT,
     group_pairs,
     moe_fast_available,
     moe_triton,
@@ -209,11 +209,15 @@ def test_interpret_swiglu_rounds_as_torch():
 # ---------------------------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("pairs, experts", [(1, 32), (3, 32), (64, 32), (256, 32), (GROUP_MAX_PAIRS, 32), (40, 128),
-                                            (GROUP_MAX_PAIRS + 1, 32)])
+ONE_CHUNK = GROUP_ONEHOT // 32  # pairs of 32 experts that one program groups alone
+
+
+@pytest.mark.parametrize("pairs, experts", [(1, 32), (3, 32), (64, 32), (256, 32), (ONE_CHUNK, 32), (40, 128),
+                                            (ONE_CHUNK + 1, 32), (4096, 32), (20000, 32), (1000, 128), (9000, 128)])
 def test_group_pairs_is_a_stable_sort(pairs, experts):
-    """The one-program grouping (and the torch.sort path above GROUP_MAX_PAIRS) equal a stable sort by expert;
-    skewed ids leave some experts without pairs."""
+    """The grouping equals a stable sort by expert: in one program up to a chunk of pairs, above that in chunks
+    placed after the counts of those before them (9,000 pairs of 128 experts: 36 chunks, whose counts the second
+    kernel reads in two blocks); skewed ids leave some experts without pairs."""
     if not (GPU or INTERPRET):
         pytest.skip("needs CUDA or the interpreter")
     device = "cuda" if GPU else "cpu"
@@ -404,15 +408,9 @@ def _wgmma_configs():
 wgmma_only = pytest.mark.skipif(not GPU or torch.cuda.get_device_capability()[0] != 9, reason="needs an sm_90 GPU")
 
 
-@pytest.fixture
-def wgmma_on(monkeypatch):
-    """moe_wgmma serves only where asked for (GPTOSS_MOE_GEMM=wgmma)."""
-    monkeypatch.setenv("GPTOSS_MOE_GEMM", "wgmma")
-
-
 @wgmma_only
 @pytest.mark.parametrize("tile", _wgmma_configs())
-def test_gpu_every_wgmma_tile_candidate(tile, wgmma_on):
+def test_gpu_every_wgmma_tile_candidate(tile):
     """Each candidate the autotuner may pick computes the same function: against the pure path and, tighter,
     against the Triton GEMM (a short and a long prefill, real shapes)."""
     config = dict(zip(("R", "T", "num_warps"), tile))
@@ -423,7 +421,7 @@ def test_gpu_every_wgmma_tile_candidate(tile, wgmma_on):
 
 @wgmma_only
 @pytest.mark.parametrize("N", [1, 3, 40, 129])
-def test_gpu_wgmma_tails(N, wgmma_on):
+def test_gpu_wgmma_tails(N):
     """Fewer 32-input blocks than a step takes (H = I = 96: 3), weight rows fewer than a tile, tokens fewer than a
     tile and an expert's rows over several tiles, and the largest scale byte the kernels take (128)."""
     for config in ({"R": 128, "T": 64, "num_warps": 8}, {"R": 64, "T": 128, "num_warps": 4}):
@@ -432,7 +430,25 @@ def test_gpu_wgmma_tails(N, wgmma_on):
 
 
 @wgmma_only
-def test_gpu_wgmma_skewed_routing_and_large_scales(wgmma_on):
+def test_gpu_hopper_gemm_dispatch(monkeypatch):
+    """On sm_90 path "gemm" takes moe_mma up to MMA_MAX_TOKENS, moe_wgmma above, the dense GEMM from
+    MIN_ROWS_PER_EXPERT rows an expert; GPTOSS_MOE_GEMM=triton leaves this module's GEMM in their place."""
+    from gptoss.kernels.moe_dense import MIN_ROWS_PER_EXPERT
+    from gptoss.kernels.moe_triton import MMA_MAX_TOKENS, _gemm_kernels
+
+    x = torch.zeros(1, 2880, dtype=torch.bfloat16, device="cuda")
+    scales = torch.full((32, 5760, 90), 127, dtype=torch.uint8, device="cuda")
+    dense_from = MIN_ROWS_PER_EXPERT * 32 // 4  # tokens of 4 pairs
+    assert _gemm_kernels(MMA_MAX_TOKENS, 4, x, scales, scales) == "gemm_mma"
+    assert _gemm_kernels(MMA_MAX_TOKENS + 1, 4, x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from - 1, 4, x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from, 4, x, scales, scales) == "gemm_dense"
+    monkeypatch.setenv("GPTOSS_MOE_GEMM", "triton")
+    assert _gemm_kernels(1024, 4, x, scales, scales) == "gemm_triton"
+
+
+@wgmma_only
+def test_gpu_wgmma_skewed_routing_and_large_scales():
     """All tokens on 4 experts (each expert's rows span many tiles); scale bytes above 128 make path gemm take
     the Triton GEMM, and forcing gemm_wgmma is refused."""
     check_skewed_routing("gemm_wgmma", seed=15)

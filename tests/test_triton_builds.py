@@ -1,13 +1,13 @@
 """Every Triton kernel the fast path launches builds for GPUs before Hopper (issue #3 point 6), checked on the CPU.
 
 A child process runs a tiny bf16 model through the GPU code paths under Triton's interpreter (a prefill with the
-grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE, the paged cache's batched step, split-K
-decode attention, keyed sampling, the dequantizing grouped GEMM of long prefills) and records each kernel launch:
-its argument types, constexprs and warps. A second child, without the interpreter, compiles each recorded
-specialization through PTX and ptxas for sm_80 (A100) and sm_89 (L4, RTX 40xx) as those GPUs launch it
-(programmatic dependent launch off, the interpreter's float32 stand-ins for the MMAs off, the MoE GEMM also with
-its tl.dot_scaled tiles), and for sm_90 with PDL on, as the H100 runs them (so a CPU test run also catches a
-Hopper build broken between GPU sessions). A build proves that no sm_90-only instruction is required; it does not
+grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE, the paged cache's batched step, split-K decode
+attention, keyed sampling, the dequantizing grouped GEMM of long prefills, the grouping of many pairs by expert) and
+records each kernel launch: its argument types, constexprs and warps. A second child, without the interpreter,
+compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and sm_89 (L4, RTX 40xx) as those GPUs
+launch it (programmatic dependent launch off, the interpreter's float32 stand-ins for the MMAs off, the MoE GEMM
+also with its tl.dot_scaled tiles), and for sm_90 with PDL on, as the H100 runs them (so a CPU test run also catches
+a Hopper build broken between GPU sessions). A build proves that no sm_90-only instruction is required; it does not
 run the kernels. The Gluon kernels have their own build test (test_moe_mma_build.py); scripts/compile_for_arch.py
 does this on a GPU for the autotuner's candidates too.
 """
@@ -58,7 +58,7 @@ def record(path: str) -> None:
     from conftest import SMALL, random_model
     from gptoss.cuda_cache import DecodeStep, TritonKVCache, TritonPagedKVCache
     from gptoss.kernels.attention_triton import decode_attention
-    from gptoss.kernels.moe_triton import moe_triton_from_stores
+    from gptoss.kernels.moe_triton import GROUP_ONEHOT, group_pairs, moe_triton_from_stores
     from gptoss.kernels.sample_triton import exponential_race
 
     config = type(SMALL)(**{**SMALL.__dict__, "num_hidden_layers": 2})
@@ -90,6 +90,7 @@ def record(path: str) -> None:
         weights, ids = torch.randn(6, config.num_experts).topk(config.experts_per_token, dim=1)
         moe_triton_from_stores(x, weights.softmax(1).bfloat16(), ids, mlp.mlp1_weight, mlp.mlp1_bias,
                                mlp.mlp2_weight, mlp.mlp2_bias, mlp.swiglu_limit, path="gemm_dense")
+        group_pairs(torch.randint(0, 32, (GROUP_ONEHOT // 32 + 1,), dtype=torch.int32), 32)  # two chunks
     with open(path, "w") as f:
         json.dump(list(launched.values()), f)
 
@@ -134,6 +135,8 @@ def build(path: str, archs) -> None:
         for arch in archs:
             if "PDL" in constants:  # pdl_enabled: sm_90 and later
                 constants["PDL"] = arch >= 90
+            if "FP8_CVT" in constants:  # the MoE GEMV's FP4 decode through e4m3 conversions: sm_89 and later
+                constants["FP8_CVT"] = arch >= 89
             try:
                 compiled = triton_compile(ASTSource(fn, signature, constexprs=constants),
                                           target=GPUTarget("cuda", arch, 32),

@@ -44,9 +44,10 @@ try:
 except ImportError:  # pragma: no cover - the package works without Triton (pure path)
     HAS_TRITON = False
 
-# Rows per expert (token-expert pairs / experts) from which `moe_triton` runs this path: between the H100 figures
-# above at 3,072 tokens (384 rows an expert of 20b's 32: level) and 4,096 (512 rows: 10% faster).
-MIN_ROWS_PER_EXPERT = 448
+# Rows per expert (token-expert pairs / experts) from which `moe_triton` runs this path: at 3,072 tokens (384 rows
+# an expert of 20b's 32) level with the Triton GEMM in the H100 figures above, and 2,248 us against moe_wgmma's
+# 2,389 (the next fastest there) in a later session's `scripts/moe_crossover.py` on an H100; 10% faster at 4,096.
+MIN_ROWS_PER_EXPERT = 384
 # The most scratch the bf16 copy of mlp1's experts may take: gpt-oss-20b's 32 experts take 1.07 GB; -120b's 128
 # would take 4.3 GB beside 61 GB of weights on an 80 GB card, and keep the Triton GEMM.
 MAX_SCRATCH_BYTES = 2 << 30

@@ -226,13 +226,17 @@ if HAS_GLUON:
         return v0, v1, v2, v3
 
     @gluon.jit
+    def _load_mult(s_ptrs, t4, q, G: gl.constexpr):
+        """Step q's multipliers (R, 4 t) (block 4q + t); blocks past the last get 0."""
+        blk = 4 * q + t4  # (1, 4)
+        return gl.where(blk < G, _multiplier(gl.load(s_ptrs + gl.minimum(blk, G - 1))), 0.0).to(gl.bfloat16)
+
+    @gluon.jit
     def _load_step(w_ptrs, s_ptrs, t4, q, G: gl.constexpr):
         """Step q's packed words (R, 4 t, 4 p) (block 4q + t, word p) and multipliers (R, 4 t); blocks past the
         last read the last one with multiplier 0."""
-        blk = 4 * q + t4  # (1, 4)
-        wd = gl.load(w_ptrs + gl.minimum(blk, G - 1)[:, :, None] * 4)
-        mult = gl.where(blk < G, _multiplier(gl.load(s_ptrs + gl.minimum(blk, G - 1))), 0.0)
-        return wd, mult.to(gl.bfloat16)
+        wd = gl.load(w_ptrs + gl.minimum(4 * q + t4, G - 1)[:, :, None] * 4)
+        return wd, _load_mult(s_ptrs, t4, q, G)
 
     @gluon.jit
     def _prefetch_l2(ptrs):

@@ -19,7 +19,10 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
     memory by `cp.async` two steps ahead into four buffers; after a wait, a CTA barrier and a fence for the async
     proxy every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
     decodes step q's weights while its MMA of step q - 1 runs, and retires that MMA after issuing step q's. The
-    packed weights are loaded into registers two steps ahead.
+    packed weights are copied to shared memory by `cp.async` too, three steps ahead, in the activations' commit
+    groups, and each thread reads its own words back just before decoding them; their block multipliers are
+    loaded into registers two steps ahead. Loading the words straight into registers two steps ahead, as moe_mma
+    does, was 10-23% slower on an H100 (a 20b layer call at 1,024 tokens, tile 128 x 128: 957 against 862 us).
   * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
     activations.
 
@@ -30,8 +33,9 @@ these kernels in its place. Numerics: exact bf16 weights (scale bytes up to moe_
 and sums on the tensor cores, outputs rounded as the other GEMMs round them.
 
 Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
-Status: opt-in (GPTOSS_MOE_GEMM=wgmma): correct on the GPU, but on an H100 no faster than `moe_triton`'s GEMM
-(a 20b layer call at 1,024 tokens 1,071 against 1,063 us, at 8,192 6.76 against 5.60 ms; docs/performance.md).
+`moe_triton` runs it on sm_90 between MMA_MAX_TOKENS and the dense GEMM's threshold: a 20b layer call on an H100
+(`scripts/moe_crossover.py`) 619 against 755 us for `moe_triton`'s GEMM at 768 tokens, 876 against 982 at 1,024,
+1,562 against 1,762 at 2,048; GPTOSS_MOE_GEMM=triton turns it off.
 """
 
 from __future__ import annotations
@@ -50,7 +54,7 @@ try:  # Gluon's API is experimental: any mismatch disables this path, never the 
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, warpgroup_mma,
                                                                   warpgroup_mma_wait)
 
-    from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _copy_layout, _copy_to_shared, _cta_barrier, _load_step,
+    from gptoss.kernels.moe_mma import (_FP4_TO_BF16, _copy_layout, _copy_to_shared, _cta_barrier, _load_mult,
                                         _log2, _mlp1_outputs, _mlp2_store, _step_layout, _tile, kernel_pair)
 
     HAS_WGMMA = True
@@ -64,9 +68,9 @@ HOPPER_ONLY = True
 
 def wgmma_gemm_available(x: torch.Tensor) -> bool:
     """Whether these kernels can serve x's device: Gluon's Hopper API importable, an sm_90 GPU, bf16 activations,
-    and asked for with GPTOSS_MOE_GEMM=wgmma (not yet the default: see the module docstring)."""
+    and not turned off with GPTOSS_MOE_GEMM=triton."""
     return (HAS_WGMMA and x.is_cuda and x.dtype == torch.bfloat16
-            and os.environ.get("GPTOSS_MOE_GEMM", "mma") == "wgmma"
+            and os.environ.get("GPTOSS_MOE_GEMM", "mma") != "triton"
             and cuda_capability(x)[0] == 9)
 
 
@@ -141,6 +145,17 @@ if HAS_WGMMA:
             xv = gl.load(x_ptr + tok[:, None] * H + cols, mask=rmask[:, None] & (cols < H), other=0.0)
             gl.store(xp_ptr + rows.to(gl.int64)[:, None] * HP + _mma_columns(cols), xv, mask=rmask[:, None])
 
+    @gluon.constexpr_function
+    def _wcopy_layout(nw):
+        """(R, 4, 4) a step's packed words as copied to shared memory: one block of a row (16 bytes) a thread."""
+        return gl.BlockedLayout([1, 1, 4], [8, 4, 1], [nw, 1, 1], [2, 1, 0])
+
+    @gluon.jit
+    def _copy_words(wbuf, wc_rows, tq, q, STEPS: gl.constexpr, G: gl.constexpr):
+        """Starts the copy of step q's packed words (R, 4, 4) into wbuf (steps past the last copy the last); the
+        caller commits the group."""
+        _copy_to_shared(wbuf, wc_rows + gl.minimum(4 * gl.minimum(q, STEPS - 1) + tq, G - 1) * 4)
+
     @gluon.jit
     def _wgmma_rows(w_ptr, s_ptr, wrow, x_ptr, xrow, KDIM: gl.constexpr, KP: gl.constexpr, T: gl.constexpr,
                     NW: gl.constexpr):
@@ -155,8 +170,6 @@ if HAS_WGMMA:
         G: gl.constexpr = KDIM // 32
         STEPS: gl.constexpr = KP // 128
         t4 = gl.arange(0, 4, layout=gl.SliceLayout(0, wl))[None, :]
-        pw = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, sl)))
-        w_ptrs = w_ptr + wrow[:, None, None] * (KDIM // 8) + pw[None, None, :]
         s_ptrs = s_ptr + wrow[:, None] * G
         kx = gl.arange(0, 128, layout=gl.SliceLayout(0, _copy_layout(NW)))
         x_ptrs = x_ptr + xrow[:, None] * KP + kx[None, :]
@@ -169,43 +182,62 @@ if HAS_WGMMA:
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()),
                 gl.allocate_shared_memory(gl.bfloat16, [T, 128], _acts_shared_layout()))
+        # a step's packed words (R, 4 blocks, 4 words): copied WORDS_AHEAD steps ahead into four buffers of their
+        # own; the buffer step q + WORDS_AHEAD's copy overwrites was last read at step q - 1, before step q's
+        # barrier
+        WORDS_AHEAD: gl.constexpr = 3
+        wsh: gl.constexpr = gl.SwizzledSharedLayout(vec=1, per_phase=1, max_phase=1, order=[2, 1, 0])
+        wbufs = (gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh),
+                 gl.allocate_shared_memory(gl.int32, [R, 4, 4], wsh))
+        wcl: gl.constexpr = _wcopy_layout(NW)
+        wr_c = gl.convert_layout(wrow, gl.SliceLayout(1, gl.SliceLayout(2, wcl)))
+        pq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(1, wcl)))
+        wc_rows = w_ptr + wr_c[:, None, None] * (KDIM // 8) + pq[None, None, :]  # (R, 1, 4)
+        tq = gl.arange(0, 4, layout=gl.SliceLayout(0, gl.SliceLayout(2, wcl)))[None, :, None]  # (1, 4, 1)
         for i in gl.static_range(2):
             _copy_to_shared(bufs[i], x_ptrs + gl.minimum(i, STEPS - 1) * 128)
+            if i == 0:  # the first group takes the words of steps 0 .. WORDS_AHEAD - 2, the second the next step's
+                for w in gl.static_range(WORDS_AHEAD - 1):
+                    _copy_words(wbufs[w], wc_rows, tq, w, STEPS, G)
+            else:
+                _copy_words(wbufs[WORDS_AHEAD - 1], wc_rows, tq, WORDS_AHEAD - 1, STEPS, G)
             async_copy.commit_group()
-        # weights of the step in hand and the next: loaded two steps ahead of their MMA too
-        wd0, mult0 = _load_step(w_ptrs, s_ptrs, t4, 0, G)
-        wd1, mult1 = _load_step(w_ptrs, s_ptrs, t4, 1, G)
+        # block multipliers of the step in hand and the next, loaded into registers two steps ahead of their MMA
         s = (gl.zeros([R, T], gl.float32, _acc_layout(NW, T)),  # the accumulators
              gl.zeros([R, 128], gl.bfloat16, _a_layout(NW, T)),  # the A registers of the MMA in flight
-             wd0, mult0, wd1, mult1)
+             _load_mult(s_ptrs, t4, 0, G), _load_mult(s_ptrs, t4, 1, G))
         for q in range(0, STEPS - 3, 4):
             for i in gl.static_range(4):
-                s = _wgmma_step(q + i, s, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4, x_ptrs, G, STEPS, NW, T)
+                s = _wgmma_step(q + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i], wbufs[(i + WORDS_AHEAD) % 4],
+                                wc_rows, tq, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WORDS_AHEAD)
         for i in gl.static_range(STEPS % 4):  # the steps after the last whole rotation, in the same rotation
-            s = _wgmma_step(STEPS - STEPS % 4 + i, s, bufs[i], bufs[(i + 2) % 4], w_ptrs, s_ptrs, t4, x_ptrs, G,
-                            STEPS, NW, T)
+            s = _wgmma_step(STEPS - STEPS % 4 + i, s, bufs[i], bufs[(i + 2) % 4], wbufs[i],
+                            wbufs[(i + WORDS_AHEAD) % 4], wc_rows, tq, s_ptrs, t4, x_ptrs, G, STEPS, NW, T, WORDS_AHEAD)
         acc = warpgroup_mma_wait(0, deps=[s[0]])
         async_copy.wait_group(0)
         return acc
 
     @gluon.jit
-    def _wgmma_step(q, s, buf, buf_ahead, w_ptrs, s_ptrs, t4, x_ptrs, G: gl.constexpr, STEPS: gl.constexpr,
-                    NW: gl.constexpr, T: gl.constexpr):
-        """Step q of `_wgmma_rows`: its MMA (activations in buf) issued, the previous one retired, step q + 2's
-        activations copied into buf_ahead and its weights loaded. s: (accumulators, A registers of the MMA in
-        flight, step q's words and multipliers, step q + 1's) -> the same for step q + 1."""
-        acc, a_prev, wd0, mult0, wd1, mult1 = s
+    def _wgmma_step(q, s, buf, buf_ahead, wbuf, wbuf_ahead, wc_rows, tq, s_ptrs, t4, x_ptrs, G: gl.constexpr,
+                    STEPS: gl.constexpr, NW: gl.constexpr, T: gl.constexpr, WORDS_AHEAD: gl.constexpr):
+        """Step q of `_wgmma_rows`: its words read from wbuf and decoded, its MMA (activations in buf) issued, the
+        previous one retired, step q + 2's activations copied into buf_ahead and step q + WORDS_AHEAD's words into
+        wbuf_ahead, step q + 2's multipliers loaded. s: (accumulators, A registers of the MMA in flight, step q's
+        multipliers, step q + 1's) -> the same for step q + 1."""
+        acc, a_prev, mult0, mult1 = s
         async_copy.wait_group(1)  # this thread's copies of step q have landed
         _cta_barrier()  # and every thread's
         fence_async_shared()  # (cumulative) before the async proxy of the MMA reads them
-        a = _decode_step(wd0, mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
+        a = _decode_step(wbuf.load(_step_layout(mult0.shape[0], NW)), mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
         acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
         # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
         acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
         _copy_to_shared(buf_ahead, x_ptrs + gl.minimum(q + 2, STEPS - 1) * 128)
+        _copy_words(wbuf_ahead, wc_rows, tq, q + WORDS_AHEAD, STEPS, G)
         async_copy.commit_group()
-        wd2, mult2 = _load_step(w_ptrs, s_ptrs, t4, q + 2, G)
-        return acc, a, wd1, mult1, wd2, mult2
+        return acc, a, mult1, _load_mult(s_ptrs, t4, q + 2, G)
 
     @gluon.constexpr_function
     def _row_layout(r, nw):
