@@ -3,7 +3,7 @@
   ncu --clock-control none --profile-from-start off --kernel-name regex:gemv --launch-count 2 \
       --section SpeedOfLight --section Occupancy --section WarpStateStats python scripts/moe_ncu.py [N] [PATH]
 
-PATH: a `moe_triton` path (default gemv; gemm_triton, gemm_mma, gemm_wgmma with GPTOSS_MOE_GEMM=wgmma).
+PATH: a `moe_triton` path (default gemv; gemm_triton, gemm_mma, gemm_wgmma on sm_90).
 
 The profiler starts after the autotuning calls, so it sees the chosen configs.
 """
