@@ -20,22 +20,22 @@ words) and decoded in registers from their bits (no lookup table); products and 
 
 Two kernel families here, and the tensor-core grouped GEMM of `gptoss.kernels.moe_mma` (Gluon), which serves
 2-512 tokens where it can (see MMA_MIN_TOKENS below for the measured choice):
-  * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B, combine; x in fp32, which the
-    model's fused norm writes), no sort.
+  * decode (one token; up to DECODE_MAX_TOKENS where moe_mma does not serve): GEMV on CUDA cores, 3 launches (A, B,
+    combine; x in fp32, which the model's fused norm writes), no sort.
     Grid (pair i, block of output rows); program (i, j) runs only if pair i is the first pair routed to its
     expert, and then serves every pair of that expert, so each selected expert's packed bytes are read from
     HBM once. Row-contiguous word tiles (coalesced), FP4 codes -> fp16 through e4m3 conversions on sm_89 and
     later (_fp4_octet_e4m3; the 20b decode step 2.089 -> 2.016 ms on H100), else two codes -> an fp16 pair
     with ~5 integer ops (_fp4_pair16); the next step's loads issued before the current step's decode. Measured
-    on H100 (N=1, 20b shapes, 52.9 MB of experts): A + B 34 us of kernels (mlp1 22, mlp2 12), ~1.5 TB/s; every tile candidate
-    lands within 10% of that, and a tensor-core variant (FP4 -> fp16 in ~2 ops, tl.dot against 16-token tiles;
-    an experiment kept in git history, commit 6eb6bba, scripts/moe_variants.py) took 58 us at N=1 but beat this
-    GEMV at N=16 (305 vs 463 us) and the GEMM at N=64 (411 vs 462 us).
+    on H100 (N=1, 20b shapes, 52.9 MB of experts): A + B 34 us of kernels (mlp1 22, mlp2 12), ~1.5 TB/s; every
+    tile candidate lands within 10% of that, and a tensor-core variant (FP4 -> fp16 in ~2 ops, tl.dot against
+    16-token tiles; an experiment kept in git history, commit 6eb6bba, scripts/moe_variants.py) took 58 us at N=1
+    but beat this GEMV at N=16 (305 vs 463 us) and the GEMM at N=64 (411 vs 462 us).
     A split-K form (one K chunk per program, partials reduced by the last program) was slower: 44 us of A + B
     at N=1 and 1.3-1.4x slower at N=4 / 8.
   * prefill: pairs grouped by expert (`group_pairs`: one small kernel, two above GROUP_ONEHOT / experts pairs),
-    grouped GEMM with tl.dot over (BM rows of one expert) x
-    (BN outputs) tiles. Each program finds its tile in-kernel from the per-expert row ends, so BM is autotuned with BN / BK / warps / stages (key: shapes, E and M's
+    grouped GEMM with tl.dot over (BM rows of one expert) x (BN outputs) tiles. Each program finds its tile
+    in-kernel from the per-expert row ends, so BM is autotuned with BN / BK / warps / stages (key: shapes, E and M's
     power-of-two bucket). Grid (column block, tile) with column blocks fastest: the programs in flight share the
     gathered activation tile through L2. Plain tl.dot (wgmma on Hopper, mma on Ampere) on tiles dequantized
     here; SWAP computes W @ x^T so the dequantized weight tile is the MMA's register operand (mlp1's pick).

@@ -230,7 +230,8 @@ if HAS_WGMMA:
         async_copy.wait_group(1)  # this thread's copies of step q have landed
         _cta_barrier()  # and every thread's
         fence_async_shared()  # (cumulative) before the async proxy of the MMA reads them
-        a = _decode_step(wbuf.load(_step_layout(mult0.shape[0], NW)), mult0, NW, T)  # on the CUDA cores while the MMA of step q - 1 runs
+        # decoded on the CUDA cores while the MMA of step q - 1 runs
+        a = _decode_step(wbuf.load(_step_layout(mult0.shape[0], NW)), mult0, NW, T)
         acc = warpgroup_mma(a, buf.permute((1, 0)), acc, is_async=True)
         # retire the MMA of step q - 1; its A registers (a_prev) stay untouched until then
         acc, a_prev = warpgroup_mma_wait(1, deps=[acc, a_prev])
