@@ -3,8 +3,8 @@
 Runs a prefill, greedy and sampled decode steps and a batched (64-token) MoE call of a random model on this GPU,
 collects every Triton and Gluon kernel specialization they compiled (autotune candidates included; the 64-token
 call runs the Gluon tensor-core MoE GEMM), and compiles each again
-for the given architectures as those GPUs would launch it: programmatic dependent launch off (`pdl_enabled` turns it
-off below sm_90). A build proves that no sm_90-only instruction is required; it does not run the kernels.
+for the given architectures as those GPUs would launch it: with the switches of `gptoss.kernels.ARCH_SWITCHES` set
+for each (programmatic dependent launch off below sm_90, the MoE GEMV's e4m3 conversions off below sm_89). A build proves that no sm_90-only instruction is required; it does not run the kernels.
 
   python scripts/compile_for_arch.py [--preset gpt-oss-20b] [--arch 80 86 89]
 """
@@ -25,7 +25,7 @@ from triton.compiler import ASTSource, compile as triton_compile
 import gptoss.kernels
 from gptoss.bench import random_model
 from gptoss.generate import TokenGenerator
-from gptoss.kernels import moe_triton
+from gptoss.kernels import ARCH_SWITCHES, arch_switch, moe_triton
 from gptoss.kernels.moe import route
 
 
@@ -72,13 +72,15 @@ def exercise(preset):
     torch.cuda.synchronize()
 
 
-def for_older_gpu(src):
-    """The same specialization as a GPU without PDL launches it (kernels without a PDL switch, the Gluon ones among
-    them, as they are)."""
-    if "PDL" not in src.fn.arg_names:
+def for_older_gpu(src, arch):
+    """The same specialization as a GPU of sm_<arch> launches it: its arch switches (PDL, the e4m3 conversions of
+    gptoss.kernels.ARCH_SWITCHES) set for that arch (kernels without them, the Gluon ones among them, as they are)."""
+    switches = ARCH_SWITCHES.keys() & set(src.fn.arg_names)
+    if not switches:
         return src
     constants = dict(src.constants)
-    constants[(src.fn.arg_names.index("PDL"),)] = False
+    for name in switches:
+        constants[(src.fn.arg_names.index(name),)] = arch_switch(name, arch)
     return ASTSource(src.fn, src.signature, constants, src.attrs)
 
 
@@ -86,7 +88,7 @@ def build(kernel, arch):
     """None, or why `kernel` does not build for sm_<arch>."""
     options = {"num_warps": kernel.metadata.num_warps, "num_stages": kernel.metadata.num_stages}
     try:
-        triton_compile(for_older_gpu(kernel.src), target=GPUTarget("cuda", arch, 32), options=options)
+        triton_compile(for_older_gpu(kernel.src, arch), target=GPUTarget("cuda", arch, 32), options=options)
     except Exception as exc:  # every failure is reported, then the run fails
         return (f"{kernel.src.fn.__name__} (warps {options['num_warps']}, stages {options['num_stages']}): "
                 f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}")

@@ -126,6 +126,8 @@ def build(path: str, archs) -> None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, compile as triton_compile
 
+    from gptoss.kernels import ARCH_SWITCHES, arch_switch
+
     with open(path) as f:
         specs = [launch for spec in json.load(f) for launch in _as_gpu_launches(spec)]
     for spec in specs:
@@ -133,10 +135,8 @@ def build(path: str, archs) -> None:
         constants = {k: tl.dtype(v["dtype"]) if isinstance(v, dict) else v for k, v in spec["constants"].items()}
         signature = {**spec["signature"], **{k: "constexpr" for k in constants}}
         for arch in archs:
-            if "PDL" in constants:  # pdl_enabled: sm_90 and later
-                constants["PDL"] = arch >= 90
-            if "FP8_CVT" in constants:  # the MoE GEMV's FP4 decode through e4m3 conversions: sm_89 and later
-                constants["FP8_CVT"] = arch >= 89
+            for name in ARCH_SWITCHES.keys() & constants.keys():  # PDL, e4m3 conversions: as sm_<arch> launches
+                constants[name] = arch_switch(name, arch)
             try:
                 compiled = triton_compile(ASTSource(fn, signature, constexprs=constants),
                                           target=GPUTarget("cuda", arch, 32),

@@ -26,6 +26,24 @@ def cuda_capability(x: torch.Tensor) -> tuple[int, int]:
     return _capability(x.device.index if x.device.index is not None else torch.cuda.current_device())
 
 
+# Constexpr switches of the Triton kernels that depend on the GPU generation, with the first arch (major * 10 + minor)
+# that launches them on: programmatic dependent launch (gptoss.kernels.pdl) and the MoE GEMV's FP4 decode through
+# e4m3 conversions (gptoss.kernels.moe_triton). The build checks (tests/test_triton_builds.py,
+# scripts/compile_for_arch.py) set them per arch from here, as the GPUs launch them.
+ARCH_SWITCHES = {"PDL": 90, "FP8_CVT": 89}
+
+
+def arch_switch(name: str, arch: int) -> bool:
+    """Whether a GPU of arch sm_<arch> launches the kernels with switch `name` (of ARCH_SWITCHES) on."""
+    return arch >= ARCH_SWITCHES[name]
+
+
+def cuda_arch(x: torch.Tensor) -> int:
+    """The arch number (major * 10 + minor, as sm_<arch> names it) of CUDA tensor x's device."""
+    major, minor = cuda_capability(x)
+    return 10 * major + minor
+
+
 def use_reference() -> bool:
     return os.environ.get("GPTOSS_KERNELS", "auto") == "reference"
 

@@ -59,7 +59,7 @@ import weakref
 
 import torch
 
-from gptoss.kernels import cuda_capability, triton_interpreting
+from gptoss.kernels import arch_switch, cuda_arch, triton_interpreting
 
 try:  # triton is optional (the `gpu` extra); the reference path never needs it
     import triton
@@ -301,7 +301,7 @@ if HAS_TRITON:
         BLOCK_U: tl.constexpr,  # SwiGLU units per program = 2 * BLOCK_U interleaved weight rows
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
-        FP8_CVT: tl.constexpr = False,  # FP4 decoded through e4m3 (`_fp4_octet_e4m3`, sm_89+)
+        FP8_CVT: tl.constexpr,  # FP4 decoded through e4m3 (`_fp4_octet_e4m3`, sm_89+)
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -338,7 +338,7 @@ if HAS_TRITON:
         BLOCK_H: tl.constexpr,  # output rows per program
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
-        FP8_CVT: tl.constexpr = False,
+        FP8_CVT: tl.constexpr,
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
@@ -840,7 +840,7 @@ def moe_triton(
             c2 = {"BLOCK_H": c["BLOCK_H"], "BLOCK_K": c["BLOCK_K"], "num_warps": c["num_warps"], "num_stages": 1}
         pdl = pdl_enabled(x)
         # the FP4 decode through e4m3 conversions where they exist (sm_89 and later): 3.5% faster decode on H100
-        fp8 = not interp and cuda_capability(x) >= (8, 9)
+        fp8 = not interp and arch_switch("FP8_CVT", cuda_arch(x))
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
             xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
             ACT_DTYPE=_TL_DTYPES[x.dtype], FP8_CVT=fp8,

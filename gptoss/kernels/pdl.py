@@ -17,13 +17,13 @@ import torch
 import triton
 import triton.language as tl
 
-from gptoss.kernels import cuda_capability, triton_interpreting
+from gptoss.kernels import arch_switch, cuda_arch, triton_interpreting
 
 
 def pdl_enabled(x: torch.Tensor) -> bool:
     """Whether kernels on x's device launch with PDL: CUDA sm_90+, not under the interpreter, unless GPTOSS_PDL=0."""
     return (x.is_cuda and not triton_interpreting() and os.environ.get("GPTOSS_PDL", "1") != "0"
-            and cuda_capability(x)[0] >= 9)
+            and arch_switch("PDL", cuda_arch(x)))
 
 
 @triton.jit
