@@ -90,7 +90,7 @@ def record(path: str) -> None:
         weights, ids = torch.randn(6, config.num_experts).topk(config.experts_per_token, dim=1)
         moe_triton_from_stores(x, weights.softmax(1).bfloat16(), ids, mlp.mlp1_weight, mlp.mlp1_bias,
                                mlp.mlp2_weight, mlp.mlp2_bias, mlp.swiglu_limit, path="gemm_dense")
-        group_pairs(torch.randint(0, 32, (GROUP_ONEHOT // 32 + 1,), dtype=torch.int32), 32)  # two chunks
+        group_pairs(torch.randint(0, 32, (GROUP_ONEHOT // 32 + 1,), dtype=torch.int32), 32)  # chunked: 2 launches
     with open(path, "w") as f:
         json.dump(list(launched.values()), f)
 

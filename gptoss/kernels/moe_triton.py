@@ -900,12 +900,15 @@ def moe_triton(
     return _combine(y, weights, residual, x.dtype)
 
 
-# Pairs one program groups: a (chunk, experts) one-hot of at most this many int32 in registers. Up to one chunk (256
-# tokens of 4 pairs with 32 experts, as in a 64-token batched decode step) one launch does all; more take one more
-# launch, which counts each chunk's pairs first. torch.sort's grouping took ~28 us of small kernels a layer on an
-# H100 at 64 tokens (radix sort, scatter_add, two cumsum scans, casts), against 2.8 us for one program; in a 1k
-# prefill (4,096 pairs) the two launches take 18.0 us a layer against torch.sort's ~25 us and copies (H100).
+# Pairs one program groups alone: a (pairs, experts) one-hot of at most GROUP_ONEHOT int32 in registers (1,024
+# pairs of 32 experts; a 64-token batched decode step has 256). torch.sort's grouping took ~28 us of small kernels a
+# layer on an H100 at 64 tokens (radix sort, scatter_add, two cumsum scans, casts), against 2.8 us for one program.
+# More pairs take one more launch, which counts each chunk's pairs first, in chunks of GROUP_CHUNK_ONEHOT one-hot
+# entries (128 pairs of 32 experts): small chunks keep each program's one-hot in registers and give the launch more
+# programs. A 1k prefill's 4,096 pairs (H100, scripts/profile_prefill.py): 5.2 us in 32 chunks against 12.9 in 4
+# chunks of 1,024 (chunks of 64 and 32 pairs: 4.4 and 4.2 us); torch.sort's grouping took ~25 us and copies.
 GROUP_ONEHOT = 32768
+GROUP_CHUNK_ONEHOT = 4096
 
 
 def group_pairs(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -914,7 +917,8 @@ def group_pairs(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
     sort). No host synchronization."""
     m = flat_ids.numel()
     ep = _next_pow2(num_experts)
-    chunk = max(16, min(_next_pow2(m), GROUP_ONEHOT // ep))
+    one_launch = _next_pow2(m) * ep <= GROUP_ONEHOT
+    chunk = max(16, _next_pow2(m) if one_launch else GROUP_CHUNK_ONEHOT // ep)
     chunks = _cdiv(m, chunk)
     ids = flat_ids.contiguous()
     order = torch.empty(m, dtype=torch.int32, device=ids.device)
