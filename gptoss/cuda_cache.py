@@ -30,12 +30,13 @@ class TritonKVCache(KVCache):
             self._decode_index[slots] = positions % slots
         return self._decode_index[slots], self._decode_index["seq_lens"]
 
-    def decode_write_target(self, layer: int, positions: torch.Tensor):
-        """For a decode step: (keys, values, slot (1,)) where the model's RoPE kernel stores the new k and v itself
-        (it then passes k = v = None to `attend`); None for a prefill chunk."""
-        if positions.shape[0] != 1:
-            return None
+    def write_target(self, layer: int, positions: torch.Tensor):
+        """(keys, values, slots (N,)) where the model's RoPE kernel stores the new k and v itself (it then passes
+        k = v = None to `attend`): a decode step's token, or a prefill chunk in a full layer (slot == position);
+        None for a prefill chunk in a ring layer, whose early queries need the keys the chunk will replace."""
         keys, values = self.keys[layer], self.values[layer]
+        if positions.shape[0] != 1:
+            return (keys, values, positions) if self.slot_positions[layer] is None else None
         slot, _ = self.decode_index(layer, positions, keys.shape[0])
         return keys, values, slot
 
@@ -44,7 +45,7 @@ class TritonKVCache(KVCache):
         slots = keys.shape[0]
         n = q.shape[0]
         if n == 1:
-            if k is None:  # stored through decode_write_target, which computed this step's index
+            if k is None:  # stored through write_target, which computed this step's index
                 seq_lens = self._decode_index["seq_lens"]
             else:
                 slot, seq_lens = self.decode_index(layer, positions, slots)
@@ -53,19 +54,36 @@ class TritonKVCache(KVCache):
             return decode_attention(q, keys[None], values[None], sinks, seq_lens, window, sm_scale)
         start = self.length - n  # reserve() already counted this chunk
         if self.slot_positions[layer] is None:  # full layer: slot == position
-            keys[start : start + n] = k
-            values[start : start + n] = v
+            if k is not None:  # not stored by the RoPE kernel through write_target
+                keys[start : start + n] = k
+                values[start : start + n] = v
             return prefill_attention(q, keys[: start + n], values[: start + n], sinks, start, window, sm_scale)
-        # ring: the window before the chunk, in position order, then the chunk itself
+        # ring: attend over the window before the chunk (in position order) and the chunk itself, then keep the
+        # chunk's last `slots` entries; writing first would let a long chunk overwrite keys its own early queries
+        # still need. A first chunk has nothing before it: it attends over its own k and v, with no copies.
         k_start = max(0, start - slots)
-        old = torch.arange(k_start, start, device=q.device) % slots
-        all_keys = torch.cat((keys[old], k))
-        all_values = torch.cat((values[old], v))
-        keep = positions[-slots:]
-        keys[keep % slots] = k[-slots:]
-        values[keep % slots] = v[-slots:]
-        self.slot_positions[layer][keep % slots] = keep
+        if start == 0:
+            all_keys, all_values = k, v
+        else:
+            old = torch.arange(k_start, start, device=q.device) % slots
+            all_keys = torch.cat((keys[old], k))
+            all_values = torch.cat((values[old], v))
+        self._keep_in_ring(layer, k, v, positions, start)
         return prefill_attention(q, all_keys, all_values, sinks, start, window, sm_scale, k_start)
+
+    def _keep_in_ring(self, layer, k, v, positions, start):
+        """Stores the last `slots` of a chunk at positions start.. (N,) in the layer's ring, position p at slot
+        p % slots: a range that wraps at most once, so one or two slice copies a tensor."""
+        keys, values, slot_positions = self.keys[layer], self.values[layer], self.slot_positions[layer]
+        slots, n = keys.shape[0], k.shape[0]
+        kept = min(n, slots)
+        first = (start + n - kept) % slots  # ring slot of the first kept token
+        before_end = min(kept, slots - first)  # kept tokens that fit before the ring's end; the rest wrap to 0
+        for lo, hi, at in ((n - kept, n - kept + before_end, first), (n - kept + before_end, n, 0)):
+            if hi > lo:
+                keys[at : at + hi - lo] = k[lo:hi]
+                values[at : at + hi - lo] = v[lo:hi]
+                slot_positions[at : at + hi - lo] = positions[lo:hi]
 
 
 class TritonPagedKVCache(PagedKVCache):
@@ -76,7 +94,7 @@ class TritonPagedKVCache(PagedKVCache):
         self.scratch_slot = num_blocks * block_size
         self.decode_step: DecodeStepView | None = None  # set while GraphedBatchDecode records its steps
 
-    def decode_write_target(self, layer: int, positions: torch.Tensor):
+    def write_target(self, layer: int, positions: torch.Tensor):
         """In a graphed decode step: (key pool, value pool, slots (B,)) where the model's RoPE kernel stores the new
         k and v itself (it then passes k = v = None to `attend`); None otherwise."""
         if self.decode_step is None:

@@ -14,7 +14,8 @@ Given a `Shard` (gptoss.parallel), each layer holds only its rank's heads, exper
 gathers the ranks' partial results; the default is the whole model in one process.
 A KV cache, when given, owns the attention over cached keys (`cache.attend`), so the same model runs with the
 reference cache (gptoss.kv_cache), the GPU cache with Triton kernels, or the engine's paged cache. A GPU cache may
-also offer `decode_write_target`, through which the RoPE kernel stores a decode step's k and v itself.
+also offer `write_target`, through which the RoPE kernel stores the new k and v itself (a decode step's; a prefill
+chunk's where the cache can take them before the attention).
 On the GPU, small ops are fused where a decode step gains (see gptoss.kernels): the attention's residual add runs
 in the MLP's norm, the MLP's in the MoE's last kernel, and the norms before qkv and the unembedding in their GEMVs.
 """
@@ -135,10 +136,10 @@ class AttentionBlock(nn.Module):
         qkv = linear(self.qkv, x, self.norm)  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
-        if use_triton(qkv, self.sinks):  # one kernel rotates q and k, and in a GPU decode step also stores k and v
+        if use_triton(qkv, self.sinks):  # one kernel rotates q and k, and stores k and v where the cache lets it
             from gptoss.kernels.attention_triton import rope_and_cache_write
 
-            write_target = getattr(cache, "decode_write_target", None)  # optional part of the cache protocol
+            write_target = getattr(cache, "write_target", None)  # optional part of the cache protocol
             target = write_target(self.layer_idx, positions) if write_target else None
             q, k = rope_and_cache_write(qkv, cos, sin, self.n_heads, self.n_kv_heads, *(target or ()))
             if target is not None:

@@ -35,6 +35,23 @@ def test_triton_path_equals_pure_path(monkeypatch):
     assert relative_error(torch.cat(rows), pure) <= 1e-5
 
 
+def test_chunked_prefill_over_the_ring_equals_pure_path(monkeypatch):
+    """Prefill chunks of 5, 9 and 12 tokens over a 16-slot ring (a first chunk shorter than the ring, one that
+    fills it without wrapping, one that wraps it while its early queries still need the keys it replaces), then a
+    decode step."""
+    model = random_model(TWO_LAYERS)
+    tokens = torch.randint(0, SMALL.vocab_size, (27,), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        pure = model(tokens)
+        monkeypatch.setattr(gptoss.model, "use_triton", lambda *tensors: True)
+        cache = TritonKVCache(TWO_LAYERS, context_length=len(tokens), dtype=torch.float32)
+        rows, start = [], 0
+        for n in (5, 9, 12, 1):
+            rows.append(model(tokens[start : start + n], cache.reserve(n), cache))
+            start += n
+    assert relative_error(torch.cat(rows), pure) <= 1e-5
+
+
 def test_paged_cache_path_equals_pure_path(monkeypatch):
     """The engine's GPU path without the CUDA graph: a packed prefill of two sequences over TritonPagedKVCache, then
     decode steps driven by DecodeStep metadata (padded to a batch bucket, k/v stored by the RoPE kernel into the
