@@ -2,9 +2,10 @@
 
 Runs a prefill, greedy and sampled decode steps and a batched (64-token) MoE call of a random model on this GPU,
 collects every Triton and Gluon kernel specialization they compiled (autotune candidates included; the 64-token
-call runs the Gluon tensor-core MoE GEMM), and compiles each again
-for the given architectures as those GPUs would launch it: with the switches of `gptoss.kernels.ARCH_SWITCHES` set
-for each (programmatic dependent launch off below sm_90, the MoE GEMV's e4m3 conversions off below sm_89). A build proves that no sm_90-only instruction is required; it does not run the kernels.
+call runs the Gluon tensor-core MoE GEMM), and compiles each again for the given architectures as those GPUs would
+launch it: with the switches of `gptoss.kernels.ARCH_SWITCHES` set for each (programmatic dependent launch off below
+sm_90, the MoE GEMV's e4m3 conversions off below sm_89). A build proves that no sm_90-only instruction is required;
+it does not run the kernels.
 
   python scripts/compile_for_arch.py [--preset gpt-oss-20b] [--arch 80 86 89]
 """

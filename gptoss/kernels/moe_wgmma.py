@@ -22,7 +22,8 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
     packed weights are copied to shared memory by `cp.async` too, three steps ahead, in the activations' commit
     groups, and each thread reads its own words back just before decoding them; their block multipliers are
     loaded into registers two steps ahead. Loading the words straight into registers two steps ahead, as moe_mma
-    does, was 10-23% slower on an H100 (a 20b layer call at 1,024 tokens, tile 128 x 128: 957 against 862 us).
+    does, was 7-25% slower on an H100 over the tiles and sizes in docs/performance.md (a 20b layer call at 1,024
+    tokens, tile 128 x 128: 957 against 861 us).
   * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
     activations.
 
