@@ -13,8 +13,8 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
         MMA k = 32 j + 16 i2 + 8 i1 + 2 t + i0   <->   input 32 t + 8 j + 4 i0 + 2 i1 + i2
     for lane t, word j, decoded element i = 4 i2 + 2 i1 + i0. The MMA sums over k in any order; the activations
     come in the same permuted order (`_mma_columns`), so each product pairs a weight with its own activation:
-    mlp1's input rows are gathered by sorted row and permuted by a small kernel first (`_gather_permuted_kernel`),
-    and mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded with zeros to a multiple of 128.
+    mlp1's input, each token's row, is permuted by a small kernel first (`_permute_kernel`), and mlp1 copies a
+    sorted row's token row from there; mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded with zeros to a multiple of 128.
   * Activation tiles (T sorted rows x 128 inputs, bf16: contiguous rows of those matrices) are copied to shared
     memory by `cp.async` two steps ahead into four buffers; after a wait, a CTA barrier and a fence for the async
     proxy every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
@@ -126,25 +126,32 @@ if HAS_WGMMA:
         return u - a + 32 * ((a // 8) % 4) + 16 * (a % 2) + 8 * ((a // 2) % 2) + 2 * (a // 32) + (a // 4) % 2
 
     @gluon.jit
-    def _gather_permuted_kernel(
+    def _mma_inputs(c):
+        """Columns c in the MMA's k order -> their input indices (`_mma_columns` inverted, within each step of 128):
+        column 128 q + 32 j + 16 i2 + 8 i1 + 2 t + i0 -> input 128 q + 32 t + 8 j + 4 i0 + 2 i1 + i2."""
+        a = c % 128
+        return c - a + 32 * ((a // 2) % 4) + 8 * (a // 32) + 4 * (a % 2) + 2 * ((a // 8) % 2) + (a // 16) % 2
+
+    @gluon.jit
+    def _permute_kernel(
         x_ptr,  # (N, H) bf16
-        order_ptr,  # (M,) int32 sorted row -> pair
-        xp_ptr,  # (M, HP) bf16 out
-        M,
-        H: gl.constexpr, HP: gl.constexpr, K_ROUTE: gl.constexpr,
+        xp_ptr,  # (N, HP) bf16 out
+        N,
+        H: gl.constexpr, HP: gl.constexpr,
         ROWS: gl.constexpr,
     ):
-        """xp[r] = the token row of sorted row r, its inputs in the MMA's k order, zeros past H: mlp1's B operand
-        as contiguous rows."""
+        """xp[n] = x[n], its inputs in the MMA's k order, zeros past H: mlp1's B operand as rows that `cp.async`
+        copies whole (each token once; mlp1 finds a sorted row's token through the pair order)."""
         lay: gl.constexpr = _copy_layout(gl.num_warps())
         rows = gl.program_id(0) * ROWS + gl.arange(0, ROWS, layout=gl.SliceLayout(1, lay))
-        rmask = rows < M
-        tok = (gl.load(order_ptr + rows, mask=rmask, other=0) // K_ROUTE).to(gl.int64)
-        u = gl.arange(0, 128, layout=gl.SliceLayout(0, lay))[None, :]
+        rmask = (rows < N)[:, None]
+        rows = rows.to(gl.int64)[:, None]
+        c = gl.arange(0, 128, layout=gl.SliceLayout(0, lay))[None, :]
         for q in range(HP // 128):
-            cols = 128 * q + u
-            xv = gl.load(x_ptr + tok[:, None] * H + cols, mask=rmask[:, None] & (cols < H), other=0.0)
-            gl.store(xp_ptr + rows.to(gl.int64)[:, None] * HP + _mma_columns(cols), xv, mask=rmask[:, None])
+            # each 16-byte store is contiguous; the loads gather within the step's 256-byte span of the row
+            u = _mma_inputs(128 * q + c)
+            xv = gl.load(x_ptr + rows * H + u, mask=rmask & (u < H), other=0.0)
+            gl.store(xp_ptr + rows * HP + 128 * q + c, xv, mask=rmask)
 
     @gluon.constexpr_function
     def _wcopy_layout(nw):
@@ -248,7 +255,8 @@ if HAS_WGMMA:
 
     @gluon.jit
     def _mlp1_swiglu_wgmma_kernel(
-        xp_ptr,  # (M, HP) bf16: sorted rows' tokens, inputs in the MMA's k order (_gather_permuted_kernel)
+        xp_ptr,  # (N, HP) bf16: the tokens, inputs in the MMA's k order (_permute_kernel)
+        order_ptr,  # (M,) int32 sorted row -> pair
         seg_ptr,  # (E,) int32 end sorted row of each expert
         E,
         w_ptr,  # (E, 2I, H/32, 4) int32 view of the packed blocks
@@ -258,6 +266,7 @@ if HAS_WGMMA:
         limit,
         tune_m,  # M rounded to a power of two: autotuning key only
         H: gl.constexpr, HP: gl.constexpr, I: gl.constexpr, IP: gl.constexpr, EP: gl.constexpr,
+        K_ROUTE: gl.constexpr,
         R: gl.constexpr,  # weight rows per program (R / 2 SwiGLU units)
         T: gl.constexpr,  # sorted rows (tokens) per tile
     ):
@@ -272,7 +281,8 @@ if HAS_WGMMA:
             r = gl.arange(0, R, layout=_row_layout(R, NW))
             unit = gl.minimum(j * (R // 2) + (r // 16) * 8 + r % 8, I - 1)
             wrow = e.to(gl.int64) * (2 * I) + 2 * unit + (r // 8) % 2
-            acc = _wgmma_rows(w_ptr, s_ptr, wrow, xp_ptr, rows.to(gl.int64), H, HP, T, NW)  # (R, T)
+            tok = (gl.load(order_ptr + rows) // K_ROUTE).to(gl.int64)
+            acc = _wgmma_rows(w_ptr, s_ptr, wrow, xp_ptr, tok, H, HP, T, NW)  # (R, T)
             out, ts, us = _mlp1_outputs(acc, e, j, start, b_ptr, limit, I)
             gl.store(act_ptr + ts.to(gl.int64)[:, None] * IP + _mma_columns(us)[None, :], out,
                      mask=(ts < end)[:, None] & (us < I)[None, :])
@@ -319,7 +329,7 @@ def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     I = R1 // 2
     M = order.numel()
     HP, IP = -(-H // 128) * 128, -(-I // 128) * 128  # the MMA's k steps of 128
-    xp = moe_triton._empty((M, HP), torch.bfloat16, x.device)
+    xp = moe_triton._empty((N, HP), torch.bfloat16, x.device)
     act = moe_triton._empty((M, IP), torch.bfloat16, x.device)
     # mlp2 multiplies the padding inputs I..IP (zero multipliers) by their columns, so those must hold zeros, not
     # stale bytes that may be NaN; the permutation keeps them within the last step of 128 columns, but scatters
@@ -330,11 +340,10 @@ def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
     k1, k2, opts = kernel_pair((_mlp1_swiglu_wgmma_kernel, _mlp2_wgmma_kernel), _CONFIGS, config, _TUNED)
-    _gather_permuted_kernel[(triton.cdiv(M, 16),)](x, order, xp, M, H=H, HP=HP, K_ROUTE=k_route, ROWS=16,
-                                                   num_warps=4)
+    _permute_kernel[(triton.cdiv(N, 16),)](x, xp, N, H=H, HP=HP, ROWS=16, num_warps=4)
     k1[lambda m: (n_tiles(m["T"]), triton.cdiv(2 * I, m["R"]))](
-        xp, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H, HP=HP, I=I,
-        IP=IP, EP=EP, **opts)
+        xp, order, seg_end, E, mlp1_blocks.view(torch.int32), mlp1_scales, mlp1_bias, act, limit, tune_m, H=H,
+        HP=HP, I=I, IP=IP, EP=EP, K_ROUTE=k_route, **opts)
     k2[lambda m: (n_tiles(m["T"]), triton.cdiv(H, m["R"]))](
         act, order, seg_end, E, mlp2_blocks.view(torch.int32), mlp2_scales, mlp2_bias, y, tune_m, H=H, I=I, IP=IP,
         EP=EP, **opts)
