@@ -16,7 +16,7 @@ H = I = 2880  # gpt-oss-20b and -120b
 HP = 2944  # rounded up to 128 (moe_wgmma's k steps)
 POINTERS = {"x_ptr": "*bf16", "xp_ptr": "*bf16", "act_ptr": "*bf16", "order_ptr": "*i32", "seg_ptr": "*i32",
             "w_ptr": "*i32", "s_ptr": "*u8", "b_ptr": "*bf16", "y_ptr": "*bf16"}
-SCALARS = {"E": "i32", "M": "i32", "limit": "fp32", "tune_m": "i32"}
+SCALARS = {"E": "i32", "M": "i32", "N": "i32", "limit": "fp32", "tune_m": "i32"}
 
 
 def build(kernel, constants: dict, arch: int, warps: int):
@@ -54,10 +54,10 @@ def build_wgmma() -> None:
 
     for R, T, warps in moe_wgmma._CONFIGS:
         for kernel, constants in (
-                (moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, R=R, T=T)),
+                (moe_wgmma._mlp1_swiglu_wgmma_kernel, dict(H=H, HP=HP, I=I, IP=HP, EP=32, K_ROUTE=4, R=R, T=T)),
                 (moe_wgmma._mlp2_wgmma_kernel, dict(H=H, I=I, IP=HP, EP=32, R=R, T=T))):
             assert "wgmma.mma_async.sync.aligned" in build(kernel, constants, 90, warps).asm["ptx"], kernel.__name__
-    build(moe_wgmma._gather_permuted_kernel, dict(H=H, HP=HP, K_ROUTE=4, ROWS=16), 90, 4)
+    build(moe_wgmma._permute_kernel, dict(H=H, HP=HP, ROWS=16), 90, 4)
 
 
 def test_wgmma_builds_for_hopper():
