@@ -199,18 +199,15 @@ class MLPBlock(nn.Module):
         return h + moe(t, weights, expert_ids, *experts)
 
     def _forward_gpu(self, x, update):
-        """The same with packed experts on the GPU in a few launches: residual add + norm, the gate's linear layer
-        and top-K + softmax (one kernel for many tokens), and the MoE kernels, whose last one adds h."""
+        """The same with packed experts on the GPU in a few launches: residual add + norm, the gate GEMV, top-K +
+        softmax, and the MoE kernels, whose last one adds h."""
         from gptoss.kernels.moe_triton import gemv_serves, moe_triton_from_stores
         from gptoss.kernels.norm_triton import add_rms_norm
-        from gptoss.kernels.route_triton import ROUTER_MIN_TOKENS, route_triton, router_triton
+        from gptoss.kernels.route_triton import route_triton
 
         h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS,
                                        with_float32=gemv_serves(x.shape[0]))  # for the MoE GEMV kernels
-        if x.shape[0] >= ROUTER_MIN_TOKENS:
-            weights, expert_ids = router_triton(t, self.gate.weight, self.gate.bias, self.experts_per_token)
-        else:
-            weights, expert_ids = route_triton(linear(self.gate, t), self.experts_per_token)
+        weights, expert_ids = route_triton(linear(self.gate, t), self.experts_per_token)
         return moe_triton_from_stores(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight,
                                       self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
 

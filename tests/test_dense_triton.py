@@ -16,7 +16,7 @@ triton = require_triton_device()
 from gptoss.kernels.linear_triton import GEMV_MAX_TOKENS, gemv  # noqa: E402
 from gptoss.kernels.moe import route  # noqa: E402
 from gptoss.kernels.norm_triton import add_rms_norm, rms_norm, rms_norm_reference  # noqa: E402
-from gptoss.kernels.route_triton import route_triton, router_triton  # noqa: E402
+from gptoss.kernels.route_triton import route_triton  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
 EPS = 1e-5
@@ -108,37 +108,3 @@ def test_gemv_rejects_too_many_tokens():
     x = torch.zeros(GEMV_MAX_TOKENS + 1, 64, device=DEVICE, dtype=torch.bfloat16)
     with pytest.raises(ValueError, match="at most"):
         gemv(x, torch.zeros(8, 64, device=DEVICE, dtype=torch.bfloat16))
-
-
-@pytest.mark.parametrize("n, experts, hidden", [(5, 32, 200), (17, 128, 72), (3, 5, 64)] if INTERPRET else
-                         [(256, 32, 2880), (1000, 32, 2880), (4097, 128, 2880), (300, 5, 96)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_router(n, experts, hidden, dtype):
-    """The fused router equals route(F.linear(x, weight, bias)): same logits' top K, weights within rounding."""
-    torch.manual_seed(n + experts)
-    x = torch.randn(n, hidden, device=DEVICE).to(dtype)
-    weight = (torch.randn(experts, hidden, device=DEVICE) / hidden**0.5).to(dtype)
-    bias = torch.randn(experts, device=DEVICE).to(dtype)
-    weights, ids = router_triton(x, weight, bias, 4 if experts >= 4 else experts)
-    k = ids.shape[1]
-    logits = F.linear(x, weight, bias)
-    ref_weights, ref_ids = route(logits, k)
-    assert ids.dtype == torch.int32 and weights.dtype == dtype and weights.shape == (n, k)
-    assert (ids.sort(1).values.diff(dim=1) > 0).all()
-    # the chosen experts' reference logits are the reference's top K, up to the two sums' rounding differences
-    # (a near-tie may swap an expert) ...
-    margin = 2**-6 if dtype == torch.bfloat16 else 1e-4
-    top = logits.float().topk(min(k + 1, experts), dim=1).values
-    scale = top[:, :1].abs().clamp(min=1)
-    torch.testing.assert_close(logits.float().gather(1, ids.long()), top[:, :k], rtol=0, atol=margin * scale.max())
-    # ... and rows whose top K + 1 logits are further apart pick the same ids, with the same weights
-    clear = (top.diff(dim=1).abs() > margin * scale).all(1)
-    assert clear.any() and torch.equal(ids.long()[clear], ref_ids[clear])
-    # (a logit one rounding step off moves its weight by up to ~2 steps of the largest logit, relatively)
-    torch.testing.assert_close(weights[clear], ref_weights[clear], rtol=margin * scale.max(), atol=1e-5)
-
-
-def test_router_rejects_a_mismatched_weight():
-    x = torch.zeros(4, 64, device=DEVICE)
-    with pytest.raises(ValueError, match="weight"):
-        router_triton(x, torch.zeros(8, 32, device=DEVICE), torch.zeros(8, device=DEVICE), 4)

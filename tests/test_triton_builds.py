@@ -2,14 +2,14 @@
 
 A child process runs a tiny bf16 model through the GPU code paths under Triton's interpreter (a prefill with the
 grouped-GEMM MoE and flash attention, decode steps with the GEMV MoE, the paged cache's batched step, split-K decode
-attention, keyed sampling, the dequantizing grouped GEMM of long prefills, the grouping of many pairs by expert, the
-fused router of long prefills) and records each kernel launch: its argument types, constexprs and warps. A second child,
-without the interpreter, compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and sm_89 (L4, RTX
-40xx) as those GPUs launch it (programmatic dependent launch off, the interpreter's float32 stand-ins for the MMAs off,
-the MoE GEMM also with its tl.dot_scaled tiles), and for sm_90 with PDL on, as the H100 runs them (so a CPU test run
-also catches a Hopper build broken between GPU sessions). A build proves that no sm_90-only instruction is required; it
-does not run the kernels. The Gluon kernels have their own build test (test_moe_mma_build.py);
-scripts/compile_for_arch.py does this on a GPU for the autotuner's candidates too.
+attention, keyed sampling, the dequantizing grouped GEMM of long prefills, the grouping of many pairs by expert) and
+records each kernel launch: its argument types, constexprs and warps. A second child, without the interpreter,
+compiles each recorded specialization through PTX and ptxas for sm_80 (A100) and sm_89 (L4, RTX 40xx) as those GPUs
+launch it (programmatic dependent launch off, the interpreter's float32 stand-ins for the MMAs off, the MoE GEMM
+also with its tl.dot_scaled tiles), and for sm_90 with PDL on, as the H100 runs them (so a CPU test run also catches
+a Hopper build broken between GPU sessions). A build proves that no sm_90-only instruction is required; it does not
+run the kernels. The Gluon kernels have their own build test (test_moe_mma_build.py); scripts/compile_for_arch.py
+does this on a GPU for the autotuner's candidates too.
 """
 
 import importlib
@@ -59,7 +59,6 @@ def record(path: str) -> None:
     from gptoss.cuda_cache import DecodeStep, TritonKVCache, TritonPagedKVCache
     from gptoss.kernels.attention_triton import decode_attention
     from gptoss.kernels.moe_triton import GROUP_ONEHOT, group_pairs, moe_triton_from_stores
-    from gptoss.kernels.route_triton import router_triton
     from gptoss.kernels.sample_triton import exponential_race
 
     config = type(SMALL)(**{**SMALL.__dict__, "num_hidden_layers": 2})
@@ -92,7 +91,6 @@ def record(path: str) -> None:
         moe_triton_from_stores(x, weights.softmax(1).bfloat16(), ids, mlp.mlp1_weight, mlp.mlp1_bias,
                                mlp.mlp2_weight, mlp.mlp2_bias, mlp.swiglu_limit, path="gemm_dense")
         group_pairs(torch.randint(0, 32, (GROUP_ONEHOT // 32 + 1,), dtype=torch.int32), 32)  # chunked: 2 launches
-        router_triton(x, mlp.gate.weight, mlp.gate.bias, config.experts_per_token)  # a long prefill's router
     with open(path, "w") as f:
         json.dump(list(launched.values()), f)
 
@@ -157,11 +155,11 @@ def test_fast_path_kernels_build_before_hopper(tmp_path):
     run_test_script(__file__, "record", specs, interpret=True)
     with open(specs) as f:
         names = {s["name"] for s in json.load(f)}
-    # the kernels of a prefill, a decode step, the paged step, split-K attention, sampling, the dense GEMM and the
-    # fused router were all seen
+    # the kernels of a prefill, a decode step, the paged step, split-K attention, sampling and the dense GEMM
+    # were all seen
     assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
             "_decode_combine_kernel", "_race_kernel", "_dequantize_kernel", "_gather_rows_kernel",
-            "_swiglu_rows_kernel", "_router_kernel"} <= names, names
+            "_swiglu_rows_kernel"} <= names, names
     print(run_test_script(__file__, "build", specs, *map(str, ARCHS)))
 
 
