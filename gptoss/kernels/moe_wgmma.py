@@ -14,16 +14,17 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
     for lane t, word j, decoded element i = 4 i2 + 2 i1 + i0. The MMA sums over k in any order; the activations
     come in the same permuted order (`_mma_columns`), so each product pairs a weight with its own activation:
     mlp1's input, each token's row, is permuted by a small kernel first (`_permute_kernel`), and mlp1 copies a
-    sorted row's token row from there; mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded with zeros to a multiple of 128.
-  * Activation tiles (T sorted rows x 128 inputs, bf16: contiguous rows of those matrices) are copied to shared
-    memory by `cp.async` two steps ahead into four buffers; after a wait, a CTA barrier and a fence for the async
-    proxy every warpgroup's wgmma reads the tile. The MMAs run asynchronously, one step behind: a warpgroup
-    decodes step q's weights while its MMA of step q - 1 runs, and retires that MMA after issuing step q's. The
-    packed weights are copied to shared memory by `cp.async` too, three steps ahead, in the activations' commit
-    groups, and each thread reads its own words back just before decoding them; their block multipliers are
-    loaded into registers two steps ahead. Loading the words straight into registers two steps ahead, as moe_mma
-    does, was 7-25% slower on an H100 over the tiles and sizes in docs/performance.md (a 20b layer call at 1,024
-    tokens, tile 128 x 128: 957 against 861 us).
+    sorted row's token row from there; mlp1 writes its SwiGLU output, mlp2's input, permuted. Both are padded
+    with zeros to a multiple of 128.
+  * Activation tiles (the rows of a tile's T sorted pairs x 128 inputs, bf16: mlp1 reads each pair's token row, mlp2
+    the pair's own row, each contiguous) are copied to shared memory by `cp.async` two steps ahead into four
+    buffers; after a wait, a CTA barrier and a fence for the async proxy every warpgroup's wgmma reads the tile. The
+    MMAs run asynchronously, one step behind: a warpgroup decodes step q's weights while its MMA of step q - 1 runs,
+    and retires that MMA after issuing step q's. The packed weights are copied to shared memory by `cp.async` too,
+    three steps ahead, in the activations' commit groups, and each thread reads its own words back just before
+    decoding them; their block multipliers are loaded into registers two steps ahead. Loading the words straight
+    into registers two steps ahead, as moe_mma does, was 7-25% slower on an H100 over the tiles and sizes in
+    docs/performance.md (a 20b layer call at 1,024 tokens, tile 128 x 128: 957 against 861 us).
   * Blocks past the last (KDIM / 32 not a multiple of 4) read the last block with multiplier 0, against zero
     activations.
 
