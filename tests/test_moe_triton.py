@@ -463,13 +463,15 @@ def test_gpu_wgmma_skewed_routing_and_large_scales():
 # The dequantizing grouped GEMM (gptoss.kernels.moe_dense): bf16 experts and torch's grouped GEMM
 # ---------------------------------------------------------------------------------------------------------------
 @interp_only
-@pytest.mark.parametrize("N", [1, 5, 33])
-def test_interpret_dense_gemm(N):
-    """Pure-path equality through the interpreter (bf16 activations; experts with no rows included)."""
-    from gptoss.kernels.moe_dense import dense_gemm_available
+@pytest.mark.parametrize("N, chunk_rows", [(1, 65536), (5, 65536), (33, 65536), (33, 7), (33, 64)])
+def test_interpret_dense_gemm(N, chunk_rows, monkeypatch):
+    """Pure-path equality through the interpreter (bf16 activations; experts with no rows included), also with
+    mlp1 run in chunks of sorted rows whose boundaries cut through experts' segments."""
+    from gptoss.kernels import moe_dense
 
-    if not dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16)):
+    if not moe_dense.dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16)):
         pytest.skip("this torch has no F.grouped_mm")
+    monkeypatch.setattr(moe_dense, "CHUNK_ROWS", chunk_rows)
     mlp1, b1, mlp2, b2 = make_layer(8, 64, 64, "cpu", seed=N)
     x, w, ids = make_tokens(N, 8, 64, 4, "cpu", seed=N + 100)
     ref = moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)
@@ -493,13 +495,15 @@ def test_interpret_dequantize_augmented_is_exact():
 
 
 @pytest.mark.skipif(not GPU, reason="needs CUDA")
-@pytest.mark.parametrize("N", [129, 600, 2048, 4097])
-def test_gpu_dense_gemm(N):
-    """Real shapes on the GPU (CUTLASS grouped GEMM on sm_90): against the pure path and the Triton GEMM."""
-    from gptoss.kernels.moe_dense import dense_gemm_available
+@pytest.mark.parametrize("N, chunk_rows", [(129, 65536), (600, 65536), (2048, 65536), (4097, 65536), (4097, 5000)])
+def test_gpu_dense_gemm(N, chunk_rows, monkeypatch):
+    """Real shapes on the GPU (CUTLASS grouped GEMM on sm_90): against the pure path and the Triton GEMM, also with
+    mlp1 in chunks of sorted rows."""
+    from gptoss.kernels import moe_dense
 
-    if not dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16, device="cuda")):
+    if not moe_dense.dense_gemm_available(torch.zeros(1, dtype=torch.bfloat16, device="cuda")):
         pytest.skip("this torch has no F.grouped_mm")
+    monkeypatch.setattr(moe_dense, "CHUNK_ROWS", chunk_rows)
     check(N, E=32, H=2880, I=2880, K=4, device="cuda", path="gemm_dense", seed=N, against_triton=3e-3)
 
 

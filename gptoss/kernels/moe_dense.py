@@ -15,7 +15,8 @@ sum with its bias, as `F.linear` with a bias rounds it in the pure path.
 
 Costs scratch for a bf16 copy of one matrix of a layer's experts at a time (mlp1's: 1.07 GB for 32 experts of
 gpt-oss shapes) and the dequantizing pass (for 32 experts it reads 0.42 GB and writes 1.6 GB), a fixed cost per
-layer call that pays off once the experts hold enough rows. Around the GEMMs, one kernel gathers each expert's rows
+layer call that pays off once the experts hold enough rows (so a long step pays it once: mlp1 runs over chunks of
+CHUNK_ROWS sorted rows with one dequantized copy). Around the GEMMs, one kernel gathers each expert's rows
 into the augmented matrix and records where each pair's row went, the SwiGLU reads each unit's gate and linear
 values as one contiguous pair, and the combine reads the outputs by sorted row (no copy back into pair order).
 Measured on an H100 (20b shapes, 4 pairs a token, a layer call, CUDA-graph timed as `scripts/moe_crossover.py`
@@ -51,6 +52,9 @@ MIN_ROWS_PER_EXPERT = 384
 # The most scratch the bf16 copy of mlp1's experts may take: gpt-oss-20b's 32 experts take 1.07 GB; -120b's 128
 # would take 4.3 GB beside 61 GB of weights on an 80 GB card, and keep the Triton GEMM.
 MAX_SCRATCH_BYTES = 2 << 30
+# Sorted rows mlp1 takes at a time (16,384 tokens of 4 pairs): its augmented inputs and bf16 outputs for that many
+# rows take 1.1 GB at gpt-oss shapes, however long the step.
+CHUNK_ROWS = 65536
 
 # Inputs of the augmented matrices: K + 1 (the bias column) rounded up to a multiple of 16 (16-byte rows of bf16
 # for the grouped GEMM's alignment, and whole 8-element stores here).
@@ -95,18 +99,18 @@ if HAS_TRITON:
             tl.store(out_ptr + rows[:, None] * KP + tail[None, :], val.to(tl.bfloat16), mask=(tail < KP)[None, :])
 
     @triton.jit
-    def _gather_rows_kernel(x_ptr, order_ptr, rows_ptr, out_ptr, H: tl.constexpr, HP: tl.constexpr,
+    def _gather_rows_kernel(x_ptr, order_ptr, rows_ptr, out_ptr, row0, H: tl.constexpr, HP: tl.constexpr,
                             K_ROUTE: tl.constexpr, BLOCK: tl.constexpr):
-        """Sorted row r of out = [x of pair order[r]'s token | 1 | 0 ...]; rows[order[r]] = r (where each pair's
-        output will be, for the combine)."""
+        """Row r of out (sorted row row0 + r) = [x of pair order[row0 + r]'s token | 1 | 0 ...];
+        rows[that pair] = row0 + r (where each pair's output will be, for the combine)."""
         r = tl.program_id(0).to(tl.int64)
-        pair = tl.load(order_ptr + r)
+        pair = tl.load(order_ptr + row0 + r)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         val = tl.load(x_ptr + (pair // K_ROUTE).to(tl.int64) * H + cols, mask=cols < H, other=0.0)
         val = tl.where(cols == H, 1.0, val)
         tl.store(out_ptr + r * HP + cols, val.to(out_ptr.dtype.element_ty), mask=cols < HP)
         if tl.program_id(1) == 0:
-            tl.store(rows_ptr + pair, r.to(tl.int32))
+            tl.store(rows_ptr + pair, (row0 + r).to(tl.int32))
 
     @triton.jit
     def _swiglu_rows_kernel(h_ptr, act_ptr, limit, I: tl.constexpr, IP: tl.constexpr, BLOCK: tl.constexpr):
@@ -144,24 +148,30 @@ def mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     """Both expert matmuls of the MoE for pairs sorted by expert (the inputs of `moe_mma.mlp_mma_gemm`): x (N, H)
     bf16 contiguous, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert ->
     (y (M, H) bf16: each pair's expert output with its bias, by sorted row; rows (M,) int32: pair -> its row of y).
-    The combine reads y through rows, so the outputs are never copied back into pair order."""
+    The combine reads y through rows, so the outputs are never copied back into pair order. Each matrix is
+    dequantized once a call; mlp1 runs over CHUNK_ROWS sorted rows at a time, so a long step's scratch for its
+    inputs and outputs stays bounded while the dequantizing pass is paid once."""
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
     M = order.numel()
     HP, IP = padded_columns(H), padded_columns(I)
-    w1 = dequantize_augmented(mlp1_blocks, mlp1_scales, mlp1_bias)  # (E, 2I, HP)
-    x_aug = torch.empty((M, HP), dtype=torch.bfloat16, device=x.device)
-    rows = torch.empty(M, dtype=torch.int32, device=x.device)
     block = 1024
-    _gather_rows_kernel[(M, triton.cdiv(HP, block))](x, order, rows, x_aug, H=H, HP=HP, K_ROUTE=k_route,
-                                                      BLOCK=block, num_warps=4)
-    offs = seg_end.to(torch.int32)
-    h = F.grouped_mm(x_aug, w1.transpose(1, 2), offs=offs)  # (M, 2I)
-    del w1, x_aug
+    w1 = dequantize_augmented(mlp1_blocks, mlp1_scales, mlp1_bias)  # (E, 2I, HP)
+    rows = torch.empty(M, dtype=torch.int32, device=x.device)
     act = torch.empty((M, IP), dtype=torch.bfloat16, device=x.device)
-    _swiglu_rows_kernel[(M, triton.cdiv(IP, block))](h, act, float(limit), I=I, IP=IP, BLOCK=block, num_warps=4)
-    del h
+    offs = seg_end.to(torch.int32)
+    for row0 in range(0, M, CHUNK_ROWS):
+        n = min(CHUNK_ROWS, M - row0)
+        x_aug = torch.empty((n, HP), dtype=torch.bfloat16, device=x.device)
+        _gather_rows_kernel[(n, triton.cdiv(HP, block))](x, order, rows, x_aug, row0, H=H, HP=HP, K_ROUTE=k_route,
+                                                          BLOCK=block, num_warps=4)
+        # each expert's rows within this chunk: its segment end, relative to the chunk, clamped to it
+        h = F.grouped_mm(x_aug, w1.transpose(1, 2), offs=(offs - row0).clamp_(0, n))  # (n, 2I)
+        _swiglu_rows_kernel[(n, triton.cdiv(IP, block))](h, act[row0:], float(limit), I=I, IP=IP, BLOCK=block,
+                                                          num_warps=4)
+        del x_aug, h
+    del w1
     w2 = dequantize_augmented(mlp2_blocks, mlp2_scales, mlp2_bias)  # (E, H, IP)
     return F.grouped_mm(act, w2.transpose(1, 2), offs=offs), rows  # (M, H) by sorted row
 
