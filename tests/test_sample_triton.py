@@ -35,6 +35,25 @@ def test_frequencies_follow_the_softmax():
         assert (freq - probs).abs().max() <= 0.015, (race.__name__, freq)
 
 
+@pytest.mark.parametrize("chunk", [4096, 8])
+def test_rows_split_into_chunks_pick_the_row_winner(chunk, monkeypatch):
+    """A row raced in chunks (programs of CHUNK columns, then a pass over their winners) picks what one race over
+    the whole row picks: the only finite logit wherever it sits, and of two logits so large that the noise cannot
+    tell them apart (1e30 - log E rounds to 1e30), the lower id, across chunk boundaries too."""
+    import gptoss.kernels.sample_triton as sample_triton
+
+    monkeypatch.setattr(sample_triton, "CHUNK", chunk)
+    vocab = 3 * chunk + 5
+    logits = torch.full((4, vocab), float("-inf"), device=DEVICE)
+    winners = [vocab - 1, chunk + 7, 2, chunk]
+    logits[0, vocab - 1] = 0.0
+    logits[1, [chunk + 7, 2 * chunk + 1]] = 1e30
+    logits[2, [2, 3]] = 1e30
+    logits[3, [2 * chunk, chunk, 3 * chunk]] = 1e30
+    seeds = torch.arange(4, device=DEVICE)
+    assert exponential_race(logits, 1.0, seeds, seeds).tolist() == winners
+
+
 def test_low_temperature_is_greedy():
     torch.manual_seed(0)
     logits = torch.randn(8, 3000 if not INTERPRET else 300, device=DEVICE)

@@ -80,6 +80,7 @@ def record(path: str) -> None:
         model(tokens[7:9], paged.decode_step.positions, paged)
         paged.decode_step = None
         exponential_race(logits.float(), 1.0, torch.tensor([1]), torch.tensor([0]))
+        exponential_race(torch.randn(2, 4100), 1.0, torch.tensor([1, 2]), torch.tensor([0, 0]))  # in chunks
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         q = torch.randn(1, heads, dim, dtype=torch.bfloat16)  # a split key range: partials and their combine
         keys = torch.randn(1, 32, kv_heads, dim, dtype=torch.bfloat16)
@@ -158,7 +159,7 @@ def test_fast_path_kernels_build_before_hopper(tmp_path):
     # the kernels of a prefill, a decode step, the paged step, split-K attention, sampling and the dense GEMM
     # were all seen
     assert {"_gemv_kernel", "_mlp1_swiglu_gemv_kernel", "_mlp1_swiglu_dot_kernel", "_rope_cache_kernel",
-            "_decode_combine_kernel", "_race_kernel", "_dequantize_kernel", "_gather_rows_kernel",
+            "_decode_combine_kernel", "_race_kernel", "_race_final_kernel", "_dequantize_kernel", "_gather_rows_kernel",
             "_swiglu_rows_kernel"} <= names, names
     print(run_test_script(__file__, "build", specs, *map(str, ARCHS)))
 

@@ -1,9 +1,10 @@
-"""Triton exponential race: a batch of rows sampled in one kernel that reads the logits once.
+"""Triton exponential race: a batch of rows sampled by a kernel that reads the logits once (and a small one after).
 
 Row r picks argmax_i (logits[r, i] * inv_temperature - log E_i) with E_i ~ Exp(1) drawn from Philox keyed by
 (seeds[r], draws[r], i): token i wins with probability softmax(logits[r] * inv_temperature)_i (see gptoss.sampling,
 whose torch reference draws its E from torch generators instead: another stream, the same distribution).
-One program per row streams the row in BLOCK-wide steps; no softmax, no noise tensor, no host sync.
+Each row is split into chunks of CHUNK columns, one program a chunk, whose winners a second small kernel compares
+(rows of one chunk skip it); no softmax, no noise tensor, no host sync.
 """
 
 import torch
@@ -23,14 +24,18 @@ def _exponential(bits):
 
 
 @triton.jit
-def _race_kernel(Logits, Seeds, Draws, Out, V, stride, inv_temperature, BLOCK: tl.constexpr):
+def _race_kernel(Logits, Seeds, Draws, Out, Scores, Ids, V, stride, inv_temperature, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+    """Program (row, c) runs the race over its row's columns [c * CHUNK, (c + 1) * CHUNK): its best score and the
+    lowest id reaching it go to Scores / Ids[row, c], or with SINGLE (one chunk a row) the id straight to Out."""
     row = tl.program_id(0)
+    c = tl.program_id(1)
     seed = tl.load(Seeds + row)
     counter_hi = tl.load(Draws + row).to(tl.int64) << 32  # Philox counter: (token id, draw)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], tl.int32)
-    for start in range(0, V, BLOCK):
-        cols = start + tl.arange(0, BLOCK)
+    for step in range(0, CHUNK, BLOCK):
+        cols = c * CHUNK + step + tl.arange(0, BLOCK)
         logit = tl.load(Logits + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
         e = _exponential(tl.randint(seed, counter_hi + cols))
         score = logit.to(tl.float32) * inv_temperature - tl.log(e)
@@ -38,7 +43,29 @@ def _race_kernel(Logits, Seeds, Draws, Out, V, stride, inv_temperature, BLOCK: t
         best = tl.where(better, score, best)
         best_id = tl.where(better, cols, best_id)
     top = tl.max(best, 0)
-    tl.store(Out + row, tl.min(tl.where(best == top, best_id, V), 0).to(tl.int64))
+    top_id = tl.min(tl.where(best == top, best_id, V), 0)
+    if SINGLE:
+        tl.store(Out + row, top_id.to(tl.int64))
+    else:
+        tl.store(Scores + row * tl.num_programs(1) + c, top)
+        tl.store(Ids + row * tl.num_programs(1) + c, top_id)
+
+
+@triton.jit
+def _race_final_kernel(Scores, Ids, Out, V, CHUNKS, CHUNKS_P2: tl.constexpr):
+    """Row r's winner over its chunks' winners: the best score, the lowest id among chunks reaching it (chunks
+    hold ascending ids, each its own lowest), as one program over the whole row would pick."""
+    row = tl.program_id(0)
+    c = tl.arange(0, CHUNKS_P2)
+    score = tl.load(Scores + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
+    ids = tl.load(Ids + row * CHUNKS + c, mask=c < CHUNKS, other=V)
+    top = tl.max(score, 0)
+    tl.store(Out + row, tl.min(tl.where(score == top, ids, V), 0).to(tl.int64))
+
+
+# Columns a program races: a 64-row batch of a 201,088-token vocabulary runs as 64 x 50 programs, one row as 50,
+# where one program a row left most of the GPU idle (64 rows took 0.18 ms on an H100).
+CHUNK = 4096
 
 
 def exponential_race(logits: torch.Tensor, inv_temperature: float, seeds: torch.Tensor,
@@ -47,7 +74,16 @@ def exponential_race(logits: torch.Tensor, inv_temperature: float, seeds: torch.
     batch, vocab = logits.shape
     assert logits.stride(1) == 1 and seeds.shape == draws.shape == (batch,)
     out = torch.empty(batch, dtype=torch.long, device=logits.device)
-    if batch:
-        _race_kernel[(batch,)](logits, seeds, draws, out, vocab, logits.stride(0), float(inv_temperature),
-                               BLOCK=2048, num_warps=8)
+    if not batch:
+        return out
+    chunks = triton.cdiv(vocab, CHUNK)
+    block = min(1024, CHUNK, triton.next_power_of_2(vocab))  # CHUNK: a power of two
+    scores = torch.empty((batch, chunks), dtype=torch.float32, device=logits.device)
+    ids = torch.empty((batch, chunks), dtype=torch.int32, device=logits.device)
+    _race_kernel[(batch, chunks)](logits, seeds, draws, out, scores, ids, vocab, logits.stride(0),
+                                  float(inv_temperature), CHUNK=min(CHUNK, triton.cdiv(vocab, block) * block),
+                                  BLOCK=block, SINGLE=chunks == 1, num_warps=4)
+    if chunks > 1:
+        _race_final_kernel[(batch,)](scores, ids, out, vocab, chunks, CHUNKS_P2=triton.next_power_of_2(chunks),
+                                     num_warps=1)
     return out
