@@ -24,6 +24,13 @@ def _exponential(bits):
 
 
 @triton.jit
+def _winner(scores, ids, V):
+    """The best of scores and the lowest of the ids that reach it."""
+    top = tl.max(scores, 0)
+    return top, tl.min(tl.where(scores == top, ids, V), 0)
+
+
+@triton.jit
 def _race_kernel(Logits, Seeds, Draws, Out, Scores, Ids, V, stride, inv_temperature, CHUNK: tl.constexpr,
                  BLOCK: tl.constexpr, SINGLE: tl.constexpr):
     """Program (row, c) runs the race over its row's columns [c * CHUNK, (c + 1) * CHUNK): its best score and the
@@ -42,8 +49,7 @@ def _race_kernel(Logits, Seeds, Draws, Out, Scores, Ids, V, stride, inv_temperat
         better = score > best  # strict: the lowest id among equal scores stays
         best = tl.where(better, score, best)
         best_id = tl.where(better, cols, best_id)
-    top = tl.max(best, 0)
-    top_id = tl.min(tl.where(best == top, best_id, V), 0)
+    top, top_id = _winner(best, best_id, V)
     if SINGLE:
         tl.store(Out + row, top_id.to(tl.int64))
     else:
@@ -59,8 +65,8 @@ def _race_final_kernel(Scores, Ids, Out, V, CHUNKS, CHUNKS_P2: tl.constexpr):
     c = tl.arange(0, CHUNKS_P2)
     score = tl.load(Scores + row * CHUNKS + c, mask=c < CHUNKS, other=float("-inf"))
     ids = tl.load(Ids + row * CHUNKS + c, mask=c < CHUNKS, other=V)
-    top = tl.max(score, 0)
-    tl.store(Out + row, tl.min(tl.where(score == top, ids, V), 0).to(tl.int64))
+    _, top_id = _winner(score, ids, V)
+    tl.store(Out + row, top_id.to(tl.int64))
 
 
 # Columns a program races: a 64-row batch of a 201,088-token vocabulary runs as 64 x 50 programs, one row as 50,
