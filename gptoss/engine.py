@@ -29,7 +29,7 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
   recomputes what the prefix cache no longer holds and continues. Its sampler state is kept, so greedy and seeded
   outputs are unaffected. A request never exceeds what the whole cache can hold (checked up front), so the oldest
   running request always makes progress.
-- Sampling: per request, with its own params; rows with equal params are sampled in one call. Randomness is keyed
+- Sampling: per request, with its own params, a step's rows in one call (gptoss.sampling). Randomness is keyed
   by (the request's seed, its draw count) (see gptoss.sampling), so seeded outputs equal the request run alone,
   whatever the batch; unseeded requests get a random seed. Logprobs are the log-softmax of the unscaled logits.
 - Threading: results go to each request's asyncio queue through loop.call_soon_threadsafe, a step's results to
@@ -651,25 +651,10 @@ class Engine:
         """logits (B, V), one row per request -> the sampled tokens (and the logprobs asked for) on the device,
         on their way to the host. Everything that reads logits is enqueued here: a step launched ahead overwrites
         a graph's logits."""
-        n = len(batch)
-        chosen = torch.empty(n, dtype=torch.long, device=logits.device)
-        greedy, groups = [], {}
-        for i, req in enumerate(batch):
-            p = req.params
-            if p.temperature <= 0:
-                greedy.append(i)
-            else:  # one batched call per distinct setting, each row with its own seed and draw index
-                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(i)
-        if greedy:
-            idx = to_device(greedy, logits.device)
-            chosen[idx] = logits[idx].argmax(dim=-1)
-        for (temperature, top_k, top_p), rows in groups.items():
-            seeds, draws = to_device([[batch[i].seed for i in rows], [batch[i].draws for i in rows]], logits.device)
-            if len(rows) == n:  # every row alike (the common case): no gather of (B, V) logits, no scatter
-                chosen = sample(logits, temperature, top_k, top_p, seeds, draws)
-            else:
-                idx = to_device(rows, logits.device)
-                chosen[idx] = sample(logits[idx], temperature, top_k, top_p, seeds, draws)
+        params = [req.params for req in batch]
+        seeds, draws = to_device([[req.seed for req in batch], [req.draws for req in batch]], logits.device)
+        chosen = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
+                        seeds, draws)
         for req in batch:
             req.draws += 1
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]

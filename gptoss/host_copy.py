@@ -26,8 +26,8 @@ class HostCopy:
         return self._copies
 
 
-def to_device(values: list | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """values (ints, nested lists of them, or a CPU tensor) as an int64 tensor on device, copied from pinned memory
-    (torch.tensor(values, device=...) copies from pageable memory, which waits for the stream's queued work)."""
-    t = values.long() if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=torch.long)
+def to_device(values: list | torch.Tensor, device: torch.device, dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """values (numbers, nested lists of them, or a CPU tensor) as a tensor of dtype on device, copied from pinned
+    memory (torch.tensor(values, device=...) copies from pageable memory, which waits for the stream's queued work)."""
+    t = values.to(dtype) if isinstance(values, torch.Tensor) else torch.tensor(values, dtype=dtype)
     return t.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else t

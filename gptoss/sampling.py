@@ -7,10 +7,16 @@ argmax_i (logit_i / T - log E_i) = argmax_i p_i / E_i is token i with probabilit
 softmax is computed. On CUDA one Triton kernel reads the logits once and draws E from Philox keyed by
 (seed, draw, token id) (gptoss.kernels.sample_triton); the reference draws each row's E from a torch generator
 seeded from (seed, draw). The two are different streams (as torch's CPU and CUDA generators are) of one distribution.
+A step's rows race in one call, each with its own temperature (greedy rows take the plain argmax) and its own
+floor: top-k and top-p become the smallest scaled logit (logit / T) the row keeps, so a token tied with the last
+kept one stays too.
 """
+
+from collections.abc import Sequence
 
 import torch
 
+from gptoss.host_copy import to_device
 from gptoss.kernels import use_triton
 
 _MASK64 = 2**64 - 1
@@ -35,49 +41,83 @@ def request_seed(seed: int | None) -> int:
 
 def sample(
     logits: torch.Tensor,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
+    temperature: float | Sequence[float] = 1.0,
+    top_k: int | Sequence[int] = 0,
+    top_p: float | Sequence[float] = 1.0,
     seeds: torch.Tensor | None = None,
     draws: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """logits (B, V) -> token ids (B,). temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
-    seeds, draws (B,) int64 on the logits' device: each row's seed and draw index (None: fresh random seeds,
-    draw 0)."""
-    if temperature <= 0:
+    """logits (B, V) -> token ids (B,). temperature, top_k, top_p: one setting for every row, or a sequence of B
+    (a batch of requests with their own settings is one race). temperature 0 is greedy; top_k 0 and top_p 1.0
+    disable those filters. seeds, draws (B,) int64 on the logits' device: each row's seed and draw index (None:
+    fresh random seeds, draw 0)."""
+    batch = logits.shape[0]
+    temperature, top_k, top_p = (_per_row(v, batch) for v in (temperature, top_k, top_p))
+    if all(t <= 0 for t in temperature):
         return logits.argmax(dim=-1)
     if seeds is None:
-        seeds = random_seeds(logits.shape[0], logits.device)
+        seeds = random_seeds(batch, logits.device)
     if draws is None:
         draws = torch.zeros_like(seeds)
-    inv_temperature = 1.0 / temperature
-    if top_k > 0 or top_p < 1.0:
-        logits = logits.float() * inv_temperature
-        inv_temperature = 1.0
-    if top_k > 0:
-        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
-        sorted_probs = sorted_logits.softmax(dim=-1)
-        # drop a token when the tokens ranked above it already reach top_p; the top token always stays
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p
-        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    # 0 marks a greedy row; float32, as the race multiplies by it, so the filters' floors compare alike
+    inv_temperature = to_device([1.0 / t if t > 0 else 0.0 for t in temperature], logits.device, torch.float32)
+    floors = _filter_floors(logits, inv_temperature, temperature, top_k, top_p)
     if use_triton(logits):
         from gptoss.kernels.sample_triton import exponential_race
 
-        return exponential_race(logits.contiguous(), inv_temperature, seeds, draws)
-    return exponential_race_reference(logits, inv_temperature, seeds, draws)
+        return exponential_race(logits.contiguous(), inv_temperature, floors, seeds, draws)
+    return exponential_race_reference(logits, inv_temperature, floors, seeds, draws)
 
 
-def exponential_race_reference(logits: torch.Tensor, inv_temperature: float, seeds: torch.Tensor,
-                               draws: torch.Tensor) -> torch.Tensor:
-    """argmax_i (logits[r, i] * inv_temperature - log E_i), E ~ Exp(1) from a generator seeded by (seed, draw).
-    Reads the seeds on the host (a sync on GPUs; the CUDA path is the Triton kernel)."""
-    noise = torch.empty(logits.shape, dtype=torch.float32, device=logits.device)
-    for row, seed, draw in zip(noise, seeds.tolist(), draws.tolist(), strict=True):
-        row.exponential_(1, generator=torch.Generator(logits.device).manual_seed(_mix(seed, draw)))
-    return (logits.float() * inv_temperature - noise.clamp_min(1e-12).log()).argmax(dim=-1)
+def _per_row(value, batch: int) -> list:
+    if isinstance(value, (int, float)):
+        return [value] * batch
+    if len(value) != batch:
+        raise ValueError(f"{len(value)} sampling settings for {batch} rows of logits")
+    return list(value)
+
+
+def _filter_floors(logits: torch.Tensor, inv_temperature: torch.Tensor, temperature: list, top_k: list,
+                   top_p: list) -> torch.Tensor | None:
+    """(B,) float32: the smallest scaled logit (logit * inv_temperature) a row keeps under its top-k / top-p
+    filters, -inf for rows without them; None when no row has one. Rows with equal filters are one torch call."""
+    groups = {}
+    for row, (t, k, p) in enumerate(zip(temperature, top_k, top_p)):
+        if t > 0 and (k > 0 or p < 1.0):
+            groups.setdefault((k, p), []).append(row)
+    if not groups:
+        return None
+    batch, vocab = logits.shape
+    floors = torch.full((batch,), float("-inf"), dtype=torch.float32, device=logits.device)
+    for (k, p), rows in groups.items():
+        idx = slice(None) if len(rows) == batch else to_device(rows, logits.device)
+        scaled = logits[idx].float() * inv_temperature[idx, None]
+        if k > 0:  # the k best, descending
+            ranked = torch.topk(scaled, min(k, vocab), dim=-1).values
+        else:
+            ranked = torch.sort(scaled, dim=-1, descending=True).values
+        kept = torch.full((ranked.shape[0], 1), ranked.shape[1], device=logits.device)
+        if p < 1.0:  # over the ranked tokens' renormalized distribution: drop a token when those ranked above
+            probs = ranked.softmax(dim=-1)  # it already reach top_p (a prefix stays, the top token always)
+            kept = ((probs.cumsum(dim=-1) - probs) < p).sum(dim=-1, keepdim=True)
+        floors[idx] = ranked.gather(-1, kept - 1)[:, 0]
+    return floors
+
+
+def exponential_race_reference(logits: torch.Tensor, inv_temperature: torch.Tensor, floors: torch.Tensor | None,
+                               seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """Row r: argmax_i (logits[r, i] * inv_temperature[r] - log E_i) over the i whose scaled logit reaches
+    floors[r] (None: every i), E ~ Exp(1) from a generator seeded by (seed, draw); argmax_i logits[r, i] where
+    inv_temperature[r] is 0. Reads the seeds on the host (a sync on GPUs; the CUDA path is the Triton kernel)."""
+    scaled = logits.float() * inv_temperature[:, None]
+    noise = torch.ones(logits.shape, dtype=torch.float32, device=logits.device)
+    for row, inv_t, seed, draw in zip(noise, inv_temperature.tolist(), seeds.tolist(), draws.tolist(), strict=True):
+        if inv_t > 0:
+            row.exponential_(1, generator=torch.Generator(logits.device).manual_seed(_mix(seed, draw)))
+    score = scaled - noise.clamp_min(1e-12).log()
+    if floors is not None:
+        score = score.masked_fill(scaled < floors[:, None], float("-inf"))
+    return torch.where(inv_temperature[:, None] > 0, score, logits.float()).argmax(dim=-1)
 
 
 def _mix(seed: int, draw: int) -> int:

@@ -54,8 +54,11 @@ def main():
 def profile_sampling(batch: int, vocab: int) -> None:
     logits = torch.randn(batch, vocab, device="cuda", dtype=torch.bfloat16)
     seeds = torch.arange(batch, device="cuda")
+    mixed = [0.0, 0.7, 1.0, 1.3] * (batch // 4) + [1.0] * (batch % 4)
     cases = {"greedy": lambda: logits.argmax(-1),
              "temperature 1, a seed per row": lambda: sample(logits, 1.0, seeds=seeds, draws=seeds),
+             "temperatures 0 / 0.7 / 1 / 1.3 by row, a seed per row": lambda: sample(logits, mixed, seeds=seeds,
+                                                                                    draws=seeds),
              "temperature 1, top_p 0.9, a seed per row": lambda: sample(logits, 1.0, top_p=0.9, seeds=seeds,
                                                                         draws=seeds)}
     for name, run in cases.items():

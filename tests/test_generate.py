@@ -75,6 +75,39 @@ def test_top_k_and_top_p_restrict_the_candidates():
     assert set(sample(logits, 0.0).tolist()) == {0}
 
 
+def test_filters_keep_the_scaled_logits_above_a_floor():
+    """top-k and top-p keep a row's tokens whose logit / T reaches a floor: a token tied with the last kept one
+    stays; top_p applies after the temperature, and after top_k to the k best's renormalized distribution."""
+    torch.manual_seed(0)
+    logits = torch.tensor([[2.0, 1.0, 1.0, 0.0, -1.0]]).repeat(3000, 1)  # T = 1: p = 0.52, 0.19, 0.19, 0.07, 0.03
+    assert set(sample(logits, 1.0, top_p=0.6).tolist()) == {0, 1, 2}  # the tie at the cut stays
+    assert set(sample(logits, 0.5, top_p=0.6).tolist()) == {0}  # T = 0.5: p = 0.77, ...
+    assert set(sample(logits, 1.0, top_k=2).tolist()) == {0, 1, 2}
+    assert set(sample(logits, 1.0, top_k=2, top_p=0.7).tolist()) == {0}  # over the two best: 0.73, 0.27
+    assert set(sample(logits, 1.0, top_k=3, top_p=0.7).tolist()) == {0, 1, 2}  # 0.58, 0.21, 0.21
+    with pytest.raises(ValueError, match="2 sampling settings for 3000 rows"):
+        sample(logits, [1.0, 1.0])
+
+
+def test_rows_with_their_own_settings_draw_what_each_draws_alone():
+    """One call over rows of different temperatures, top_k and top_p (greedy rows among them) draws what each
+    row draws in a call of its own with its settings."""
+    torch.manual_seed(3)
+    logits = torch.randn(5, 60)
+    settings = [(1.0, 0, 1.0), (0.0, 0, 1.0), (0.7, 5, 1.0), (1.3, 0, 0.5), (1.0, 10, 0.8)]
+    temperature, top_k, top_p = (list(column) for column in zip(*settings))
+    seeds = torch.arange(5) + 100
+    streams = []
+    for draw in range(10):
+        draws = torch.full((5,), draw)
+        batched = sample(logits, temperature, top_k, top_p, seeds, draws)
+        alone = [sample(logits[i : i + 1], *settings[i], seeds[i : i + 1], draws[i : i + 1]).item() for i in range(5)]
+        assert batched.tolist() == alone
+        assert alone[1] == logits[1].argmax()
+        streams.append(tuple(alone))
+    assert len(set(streams)) > 5
+
+
 def test_sampling_follows_the_distribution():
     logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(20000, 1)
     counts = torch.bincount(sample(logits, 1.0, seeds=torch.arange(20000)), minlength=3)

@@ -79,8 +79,9 @@ def record(path: str) -> None:
         paged.decode_step = step.view(2)
         model(tokens[7:9], paged.decode_step.positions, paged)
         paged.decode_step = None
-        exponential_race(logits.float(), 1.0, torch.tensor([1]), torch.tensor([0]))
-        exponential_race(torch.randn(2, 4100), 1.0, torch.tensor([1, 2]), torch.tensor([0, 0]))  # in chunks
+        exponential_race(logits.float(), torch.ones(1), None, torch.tensor([1]), torch.tensor([0]))
+        exponential_race(torch.randn(2, 4100), torch.tensor([1.0, 0.0]), torch.tensor([0.5, float("-inf")]),
+                         torch.tensor([1, 2]), torch.tensor([0, 0]))  # in chunks, a floor, a greedy row
         heads, kv_heads, dim = config.num_attention_heads, config.num_key_value_heads, config.head_dim
         q = torch.randn(1, heads, dim, dtype=torch.bfloat16)  # a split key range: partials and their combine
         keys = torch.randn(1, 32, kv_heads, dim, dtype=torch.bfloat16)

@@ -1,8 +1,10 @@
 """Triton exponential race: a batch of rows sampled by a kernel that reads the logits once (and a small one after).
 
-Row r picks argmax_i (logits[r, i] * inv_temperature - log E_i) with E_i ~ Exp(1) drawn from Philox keyed by
-(seeds[r], draws[r], i): token i wins with probability softmax(logits[r] * inv_temperature)_i (see gptoss.sampling,
-whose torch reference draws its E from torch generators instead: another stream, the same distribution).
+Row r picks argmax_i (logits[r, i] * inv_temperature[r] - log E_i) with E_i ~ Exp(1) drawn from Philox keyed by
+(seeds[r], draws[r], i), over the i whose scaled logit reaches floors[r] (its top-k / top-p filters): token i wins
+with probability softmax(logits[r] * inv_temperature[r])_i renormalized over those (see gptoss.sampling, whose torch
+reference draws its E from torch generators instead: another stream, the same distribution). A row with
+inv_temperature 0 picks its argmax.
 Each row is split into chunks of CHUNK columns, one program a chunk, whose winners a second small kernel compares
 (rows of one chunk skip it); no softmax, no noise tensor, no host sync.
 """
@@ -31,12 +33,14 @@ def _winner(scores, ids, V):
 
 
 @triton.jit
-def _race_kernel(Logits, Seeds, Draws, Out, Scores, Ids, V, stride, inv_temperature, CHUNK: tl.constexpr,
-                 BLOCK: tl.constexpr, SINGLE: tl.constexpr):
+def _race_kernel(Logits, InvTemperature, Floors, Seeds, Draws, Out, Scores, Ids, V, stride, CHUNK: tl.constexpr,
+                 BLOCK: tl.constexpr, SINGLE: tl.constexpr, FLOORS: tl.constexpr):
     """Program (row, c) runs the race over its row's columns [c * CHUNK, (c + 1) * CHUNK): its best score and the
     lowest id reaching it go to Scores / Ids[row, c], or with SINGLE (one chunk a row) the id straight to Out."""
     row = tl.program_id(0)
     c = tl.program_id(1)
+    inv_temperature = tl.load(InvTemperature + row)
+    floor = tl.load(Floors + row) if FLOORS else float("-inf")
     seed = tl.load(Seeds + row)
     counter_hi = tl.load(Draws + row).to(tl.int64) << 32  # Philox counter: (token id, draw)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
@@ -45,7 +49,9 @@ def _race_kernel(Logits, Seeds, Draws, Out, Scores, Ids, V, stride, inv_temperat
         cols = c * CHUNK + step + tl.arange(0, BLOCK)
         logit = tl.load(Logits + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
         e = _exponential(tl.randint(seed, counter_hi + cols))
-        score = logit.to(tl.float32) * inv_temperature - tl.log(e)
+        scaled = logit.to(tl.float32) * inv_temperature
+        raced = tl.where(scaled >= floor, scaled - tl.log(e), float("-inf"))
+        score = tl.where(inv_temperature > 0, raced, logit.to(tl.float32))  # 0: greedy
         better = score > best  # strict: the lowest id among equal scores stays
         best = tl.where(better, score, best)
         best_id = tl.where(better, cols, best_id)
@@ -74,11 +80,13 @@ def _race_final_kernel(Scores, Ids, Out, V, CHUNKS, CHUNKS_P2: tl.constexpr):
 CHUNK = 4096
 
 
-def exponential_race(logits: torch.Tensor, inv_temperature: float, seeds: torch.Tensor,
-                     draws: torch.Tensor) -> torch.Tensor:
-    """logits (B, V) of any float dtype, seeds / draws (B,) int64 on its device -> token ids (B,) int64."""
+def exponential_race(logits: torch.Tensor, inv_temperature: torch.Tensor, floors: torch.Tensor | None,
+                     seeds: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """logits (B, V) of any float dtype; inv_temperature (B,) float32 (0: greedy), floors (B,) float32 or None (no
+    filters), seeds / draws (B,) int64, all on its device -> token ids (B,) int64."""
     batch, vocab = logits.shape
-    assert logits.stride(1) == 1 and seeds.shape == draws.shape == (batch,)
+    assert logits.stride(1) == 1 and seeds.shape == draws.shape == inv_temperature.shape == (batch,)
+    assert inv_temperature.dtype == torch.float32 and (floors is None or floors.dtype == torch.float32)
     out = torch.empty(batch, dtype=torch.long, device=logits.device)
     if not batch:
         return out
@@ -86,9 +94,10 @@ def exponential_race(logits: torch.Tensor, inv_temperature: float, seeds: torch.
     block = min(1024, CHUNK, triton.next_power_of_2(vocab))  # CHUNK: a power of two
     scores = torch.empty((batch, chunks), dtype=torch.float32, device=logits.device)
     ids = torch.empty((batch, chunks), dtype=torch.int32, device=logits.device)
-    _race_kernel[(batch, chunks)](logits, seeds, draws, out, scores, ids, vocab, logits.stride(0),
-                                  float(inv_temperature), CHUNK=min(CHUNK, triton.cdiv(vocab, block) * block),
-                                  BLOCK=block, SINGLE=chunks == 1, num_warps=4)
+    _race_kernel[(batch, chunks)](logits, inv_temperature, inv_temperature if floors is None else floors, seeds, draws,
+                                  out, scores, ids, vocab, logits.stride(0),
+                                  CHUNK=min(CHUNK, triton.cdiv(vocab, block) * block), BLOCK=block,
+                                  SINGLE=chunks == 1, FLOORS=floors is not None, num_warps=4)
     if chunks > 1:
         _race_final_kernel[(batch,)](scores, ids, out, vocab, chunks, CHUNKS_P2=triton.next_power_of_2(chunks),
                                      num_warps=1)
