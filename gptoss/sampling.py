@@ -109,7 +109,8 @@ def exponential_race_reference(logits: torch.Tensor, inv_temperature: torch.Tens
     """Row r: argmax_i (logits[r, i] * inv_temperature[r] - log E_i) over the i whose scaled logit reaches
     floors[r] (None: every i), E ~ Exp(1) from a generator seeded by (seed, draw); argmax_i logits[r, i] where
     inv_temperature[r] is 0. Reads the seeds on the host (a sync on GPUs; the CUDA path is the Triton kernel)."""
-    scaled = logits.float() * inv_temperature[:, None]
+    greedy = inv_temperature[:, None] == 0
+    scaled = logits.float() * torch.where(greedy, 1.0, inv_temperature[:, None])  # greedy rows: plain logits
     noise = torch.ones(logits.shape, dtype=torch.float32, device=logits.device)
     for row, inv_t, seed, draw in zip(noise, inv_temperature.tolist(), seeds.tolist(), draws.tolist(), strict=True):
         if inv_t > 0:
@@ -117,7 +118,7 @@ def exponential_race_reference(logits: torch.Tensor, inv_temperature: torch.Tens
     score = scaled - noise.clamp_min(1e-12).log()
     if floors is not None:
         score = score.masked_fill(scaled < floors[:, None], float("-inf"))
-    return torch.where(inv_temperature[:, None] > 0, score, logits.float()).argmax(dim=-1)
+    return torch.where(greedy, scaled, score).argmax(dim=-1)
 
 
 def _mix(seed: int, draw: int) -> int:

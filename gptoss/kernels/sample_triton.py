@@ -40,6 +40,8 @@ def _race_kernel(Logits, InvTemperature, Floors, Seeds, Draws, Out, Scores, Ids,
     row = tl.program_id(0)
     c = tl.program_id(1)
     inv_temperature = tl.load(InvTemperature + row)
+    greedy = inv_temperature == 0.0
+    scale = tl.where(greedy, 1.0, inv_temperature)  # a greedy row races its plain logits, noise-free
     floor = tl.load(Floors + row) if FLOORS else float("-inf")
     seed = tl.load(Seeds + row)
     counter_hi = tl.load(Draws + row).to(tl.int64) << 32  # Philox counter: (token id, draw)
@@ -49,9 +51,8 @@ def _race_kernel(Logits, InvTemperature, Floors, Seeds, Draws, Out, Scores, Ids,
         cols = c * CHUNK + step + tl.arange(0, BLOCK)
         logit = tl.load(Logits + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
         e = _exponential(tl.randint(seed, counter_hi + cols))
-        scaled = logit.to(tl.float32) * inv_temperature
-        raced = tl.where(scaled >= floor, scaled - tl.log(e), float("-inf"))
-        score = tl.where(inv_temperature > 0, raced, logit.to(tl.float32))  # 0: greedy
+        scaled = logit.to(tl.float32) * scale
+        score = tl.where(greedy, scaled, tl.where(scaled >= floor, scaled - tl.log(e), float("-inf")))
         better = score > best  # strict: the lowest id among equal scores stays
         best = tl.where(better, score, best)
         best_id = tl.where(better, cols, best_id)
