@@ -652,7 +652,9 @@ class Engine:
         on their way to the host. Everything that reads logits is enqueued here: a step launched ahead overwrites
         a graph's logits."""
         params = [req.params for req in batch]
-        seeds, draws = to_device([[req.seed for req in batch], [req.draws for req in batch]], logits.device)
+        seeds = draws = None  # an all-greedy step needs no keys on the device
+        if any(p.temperature > 0 for p in params):
+            seeds, draws = to_device([[req.seed for req in batch], [req.draws for req in batch]], logits.device)
         chosen = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
                         seeds, draws)
         for req in batch:

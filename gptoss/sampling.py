@@ -96,11 +96,12 @@ def _filter_floors(logits: torch.Tensor, inv_temperature: torch.Tensor, temperat
             ranked = torch.topk(scaled, min(k, vocab), dim=-1).values
         else:
             ranked = torch.sort(scaled, dim=-1, descending=True).values
-        kept = torch.full((ranked.shape[0], 1), ranked.shape[1], device=logits.device)
         if p < 1.0:  # over the ranked tokens' renormalized distribution: drop a token when those ranked above
             probs = ranked.softmax(dim=-1)  # it already reach top_p (a prefix stays, the top token always)
             kept = ((probs.cumsum(dim=-1) - probs) < p).sum(dim=-1, keepdim=True)
-        floors[idx] = ranked.gather(-1, kept - 1)[:, 0]
+            floors[idx] = ranked.gather(-1, kept - 1)[:, 0]
+        else:
+            floors[idx] = ranked[:, -1]
     return floors
 
 
