@@ -652,11 +652,8 @@ class Engine:
         on their way to the host. Everything that reads logits is enqueued here: a step launched ahead overwrites
         a graph's logits."""
         params = [req.params for req in batch]
-        seeds = draws = None  # an all-greedy step needs no keys on the device
-        if any(p.temperature > 0 for p in params):
-            seeds, draws = to_device([[req.seed for req in batch], [req.draws for req in batch]], logits.device)
         chosen = sample(logits, [p.temperature for p in params], [p.top_k for p in params], [p.top_p for p in params],
-                        seeds, draws)
+                        [req.seed for req in batch], [req.draws for req in batch])
         for req in batch:
             req.draws += 1
         want = [i for i, req in enumerate(batch) if req.params.logprobs or req.params.top_logprobs > 0]

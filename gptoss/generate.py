@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 
 from gptoss.errors import ContextLengthError, GptOssError
-from gptoss.host_copy import HostCopy, to_device
+from gptoss.host_copy import HostCopy
 from gptoss.kernels import triton_device
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
@@ -91,8 +91,7 @@ class TokenGenerator:
         logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache, logits_rows=last)[0]
         generated = 0
         while True:
-            seeds, draws = to_device([[seed], [generated]], logits.device) if temperature > 0 else (None, None)
-            token = sample(logits[None], temperature, top_k, top_p, seeds, draws)[0]
+            token = sample(logits[None], temperature, top_k, top_p, [seed], [generated])[0]
             logprob = None
             if return_logprobs:  # gather, not [token]: indexing by a device scalar waits for the sampling
                 logprob = torch.log_softmax(logits.float(), dim=-1).gather(0, token.view(1))[0]

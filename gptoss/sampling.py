@@ -44,17 +44,20 @@ def sample(
     temperature: float | Sequence[float] = 1.0,
     top_k: int | Sequence[int] = 0,
     top_p: float | Sequence[float] = 1.0,
-    seeds: torch.Tensor | None = None,
-    draws: torch.Tensor | None = None,
+    seeds: torch.Tensor | Sequence[int] | None = None,
+    draws: torch.Tensor | Sequence[int] | None = None,
 ) -> torch.Tensor:
     """logits (B, V) -> token ids (B,). temperature, top_k, top_p: one setting for every row, or a sequence of B
     (a batch of requests with their own settings is one race). temperature 0 is greedy; top_k 0 and top_p 1.0
-    disable those filters. seeds, draws (B,) int64 on the logits' device: each row's seed and draw index (None:
-    fresh random seeds, draw 0)."""
+    disable those filters. seeds, draws (B,): each row's seed and draw index, as int64 tensors on the logits'
+    device, or as host ints (both then), copied to the device only if a row samples (None: fresh random seeds,
+    draw 0)."""
     batch = logits.shape[0]
     temperature, top_k, top_p = (_per_row(v, batch) for v in (temperature, top_k, top_p))
     if all(t <= 0 for t in temperature):
         return logits.argmax(dim=-1)
+    if seeds is not None and not isinstance(seeds, torch.Tensor):  # host keys, in one copy
+        seeds, draws = to_device([list(seeds), list(draws)], logits.device)
     if seeds is None:
         seeds = random_seeds(batch, logits.device)
     if draws is None:

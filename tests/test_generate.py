@@ -103,6 +103,8 @@ def test_rows_with_their_own_settings_draw_what_each_draws_alone():
         batched = sample(logits, temperature, top_k, top_p, seeds, draws)
         alone = [sample(logits[i : i + 1], *settings[i], seeds[i : i + 1], draws[i : i + 1]).item() for i in range(5)]
         assert batched.tolist() == alone
+        # keys given as host ints (as the engine and TokenGenerator pass them) draw the same
+        assert sample(logits, temperature, top_k, top_p, seeds.tolist(), draws.tolist()).tolist() == alone
         assert alone[1] == logits[1].argmax()
         streams.append(tuple(alone))
     assert len(set(streams)) > 5
