@@ -66,6 +66,14 @@ def _add_model_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--adapter", default=None, help="a LoRA adapter folder (gptoss finetune) merged at load")
 
 
+def _add_sampling_options(parser) -> None:
+    parser.add_argument("-t", "--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--top-k", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=None)
+    parser.set_defaults(sampling=True)  # main() checks the settings before anything is loaded
+
+
 def cmd_generate(args) -> int:
     from gptoss.parallel import joined, local_device
 
@@ -179,10 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_options(gen)
     gen.add_argument("-p", "--prompt", required=True, help="the text to complete")
     gen.add_argument("-n", "--max-tokens", type=int, default=100, help="tokens to generate (default 100)")
-    gen.add_argument("-t", "--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--top-k", type=int, default=0)
-    gen.add_argument("--seed", type=int, default=None)
+    _add_sampling_options(gen)
     gen.set_defaults(func=cmd_generate)
 
     init = commands.add_parser("init-checkpoint", help="write random weights in a released layout",
@@ -226,10 +231,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--show-reasoning", action="store_true", help="show the analysis channel (dimmed on a tty)")
     chat.add_argument("-n", "--max-tokens", type=int, default=0,
                       help="tokens to generate per turn at most (default 0: up to the context length)")
-    chat.add_argument("-t", "--temperature", type=float, default=1.0, help="0 for greedy (default 1.0)")
-    chat.add_argument("--top-p", type=float, default=1.0)
-    chat.add_argument("--top-k", type=int, default=0)
-    chat.add_argument("--seed", type=int, default=None)
+    _add_sampling_options(chat)
     chat.set_defaults(func=_lazy("gptoss.chat", "cmd_chat"))
 
     serve = commands.add_parser("serve", help="serve an OpenAI-compatible API (chat completions, responses)",
@@ -292,6 +294,10 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     try:
+        if getattr(args, "sampling", False):
+            from gptoss.sampling import check_settings
+
+            check_settings(args.temperature, args.top_k, args.top_p)
         return args.func(args)
     except GptOssError as err:
         print(f"gptoss: error: {err}", file=sys.stderr)

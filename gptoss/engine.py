@@ -65,7 +65,7 @@ from gptoss.errors import ContextLengthError, GptOssError
 from gptoss.host_copy import HostCopy, to_device
 from gptoss.kernels import triton_device
 from gptoss.paged_cache import BlockManager, PagedKVCache, block_hash
-from gptoss.sampling import request_seed, sample
+from gptoss.sampling import check_settings, request_seed, sample
 
 MAX_TOP_LOGPROBS = 20
 
@@ -289,12 +289,7 @@ class Engine:
             raise GptOssError(f"prompt token ids must be in 0..{vocab - 1}")
         if not isinstance(params.max_tokens, int) or params.max_tokens < 1:
             raise GptOssError(f"max_tokens must be a positive integer, got {params.max_tokens!r}")
-        if params.temperature < 0:
-            raise GptOssError(f"temperature must be >= 0, got {params.temperature}")
-        if not 0 < params.top_p <= 1:
-            raise GptOssError(f"top_p must be in (0, 1], got {params.top_p}")
-        if params.top_k < 0:
-            raise GptOssError(f"top_k must be >= 0, got {params.top_k}")
+        check_settings(params.temperature, params.top_k, params.top_p)
         if not 0 <= params.top_logprobs <= MAX_TOP_LOGPROBS:
             raise GptOssError(f"top_logprobs must be in 0..{MAX_TOP_LOGPROBS}, got {params.top_logprobs}")
         total = len(prompt) + params.max_tokens

@@ -10,7 +10,7 @@ from gptoss.host_copy import HostCopy
 from gptoss.kernels import triton_device
 from gptoss.kv_cache import KVCache
 from gptoss.model import Transformer
-from gptoss.sampling import request_seed, sample
+from gptoss.sampling import check_settings, request_seed, sample
 
 DEFAULT_CONTEXT_LENGTH = 8192
 
@@ -50,8 +50,11 @@ class TokenGenerator:
         else:
             self.cache = KVCache(model.local_config, self.context_length, device=self.device, dtype=model.dtype)
 
-    def check_request(self, prompt: Sequence[int], max_tokens: int) -> None:
-        """Raises GptOssError for an empty or out-of-vocabulary prompt, ContextLengthError if it cannot fit."""
+    def check_request(self, prompt: Sequence[int], max_tokens: int, *, temperature: float = 1.0, top_k: int = 0,
+                      top_p: float = 1.0) -> None:
+        """Raises GptOssError for an empty or out-of-vocabulary prompt or sampling settings sample() does not take,
+        ContextLengthError if the prompt cannot fit."""
+        check_settings(temperature, top_k, top_p)
         if not prompt:
             raise GptOssError("the prompt is empty")
         vocab = self.model.config.vocab_size
@@ -82,7 +85,7 @@ class TokenGenerator:
         logprob is the token's log-probability under the unscaled model distribution, as in the reference.
         """
         prompt = [int(t) for t in prompt_tokens]
-        self.check_request(prompt, max_tokens)
+        self.check_request(prompt, max_tokens, temperature=temperature, top_k=top_k, top_p=top_p)
         stop = set(int(t) for t in stop_tokens)
         seed = self.model.shard.from_first(request_seed(seed), self.device)  # ranks must draw alike
         self.cache.reset()

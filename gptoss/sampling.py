@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 import torch
 
+from gptoss.errors import GptOssError
 from gptoss.host_copy import to_device
 from gptoss.kernels import use_triton
 
@@ -37,6 +38,16 @@ def random_seeds(count: int, device) -> torch.Tensor:
 def request_seed(seed: int | None) -> int:
     """A request's seed key: seed_key(seed), or a random one for an unseeded request."""
     return int(random_seeds(1, "cpu")) if seed is None else seed_key(int(seed))
+
+
+def check_settings(temperature: float, top_k: int, top_p: float) -> None:
+    """Raises GptOssError for a request's sampling settings that sample() does not take (NaN among them)."""
+    if not temperature >= 0:
+        raise GptOssError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise GptOssError(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise GptOssError(f"top_k must be >= 0, got {top_k}")
 
 
 def sample(

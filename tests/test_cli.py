@@ -51,6 +51,14 @@ def test_prompt_longer_than_the_context(tmp_path):
     assert result.stdout == ""
 
 
+@pytest.mark.parametrize("command", [["generate", "-p", "Hello"], ["chat"]])
+def test_bad_sampling_setting(tmp_path, command):
+    result = gptoss(*command, "-n", "4", "--top-p", "0", env={"XDG_CACHE_HOME": str(tmp_path)})
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["gptoss: error: top_p must be in (0, 1], got 0.0"]  # before loading
+    assert result.stdout == ""
+
+
 def test_float32_is_for_the_cpu(tmp_path):
     env = {"XDG_CACHE_HOME": str(tmp_path)}
     on_cpu = gptoss("generate", "-p", "Hello", "-n", "4", "--seed", "0", "--dtype", "float32", env=env)

@@ -65,6 +65,17 @@ def test_bad_prompts(generator):
         list(generator.generate([5000], ()))
 
 
+@pytest.mark.parametrize("settings, message", [({"temperature": -0.5}, "temperature must be >= 0"),
+                                               ({"temperature": float("nan")}, "temperature must be >= 0"),
+                                               ({"top_p": 0.0}, r"top_p must be in \(0, 1\]"),
+                                               ({"top_p": 1.5}, r"top_p must be in \(0, 1\]"),
+                                               ({"top_k": -1}, "top_k must be >= 0")])
+def test_bad_sampling_settings(generator, settings, message):
+    """The engine's checks: a clear error before anything is generated, not a failure inside the sampler."""
+    with pytest.raises(GptOssError, match=message):
+        list(generator.generate([1, 2], (), max_tokens=2, **settings))
+
+
 def test_top_k_and_top_p_restrict_the_candidates():
     torch.manual_seed(0)
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]]).repeat(2000, 1)
