@@ -44,10 +44,14 @@ class GraphedDecodeStep:
 
 class GraphedBatchDecode:
     """The engine's decode steps: graphs captured per batch-size bucket (powers of two up to max_batch), smaller
-    batches padded up to their bucket. Captured on first use of each bucket."""
+    batches padded up to their bucket. Captured on first use of each bucket. capture_graphs=False runs each step
+    eagerly over the same static metadata instead (a tensor/expert-parallel shard: its collectives stay out of
+    graphs)."""
 
-    def __init__(self, model, cache: TritonPagedKVCache, max_batch: int, max_context: int):
+    def __init__(self, model, cache: TritonPagedKVCache, max_batch: int, max_context: int,
+                 capture_graphs: bool = True):
         self.model, self.cache = model, cache
+        self.capture_graphs = capture_graphs
         self.step = DecodeStep(cache, max_batch, max_context)
         self.tokens = torch.zeros(max_batch, dtype=torch.long, device=cache.device)
         self.buckets = sorted({min(2**i, max_batch) for i in range(max_batch.bit_length() + 1)})
@@ -60,16 +64,20 @@ class GraphedBatchDecode:
         bucket = next(b for b in self.buckets if b >= batch)
         self.step.fill(entries, bucket)
         self.tokens[:batch].copy_(tokens)
+        if not self.capture_graphs:
+            return self._run(bucket, lambda step: step())[:batch]
         if bucket not in self.graphs:
-            self._capture(bucket)
+            self.graphs[bucket], self.logits[bucket] = self._run(bucket, capture)
         self.graphs[bucket].replay()
         return self.logits[bucket][:batch]
 
-    def _capture(self, bucket: int) -> None:
+    def _run(self, bucket: int, how):
+        """how(step): the model's step over the bucket's static metadata, run (or captured) with the cache reading
+        that metadata."""
         view = self.step.view(bucket)
         tokens = self.tokens[:bucket]
         self.cache.decode_step = view
         try:
-            self.graphs[bucket], self.logits[bucket] = capture(lambda: self.model(tokens, view.positions, self.cache))
+            return how(lambda: self.model(tokens, view.positions, self.cache))
         finally:
             self.cache.decode_step = None

@@ -180,15 +180,17 @@ class Engine:
         self.max_prefill_tokens = max_prefill_tokens
         self.enable_prefix_caching = enable_prefix_caching
         self.blocks = BlockManager(num_blocks, block_size)
-        self.graphed_decode = None
+        self.decode_steps = None
         self.launch_ahead = model.device.type == "cuda" if launch_ahead is None else launch_ahead
         self.shard = model.shard
-        if triton_device(model.embedding.weight) and not self.shard.parallel:
+        if triton_device(model.embedding.weight):
             from gptoss.cuda_cache import TritonPagedKVCache
             from gptoss.cuda_graph import GraphedBatchDecode
 
-            self.cache = TritonPagedKVCache(config, num_blocks, block_size, device=model.device, dtype=model.dtype)
-            self.graphed_decode = GraphedBatchDecode(model, self.cache, max_batch_size, context_length)
+            self.cache = TritonPagedKVCache(model.local_config, num_blocks, block_size, device=model.device,
+                                            dtype=model.dtype)
+            self.decode_steps = GraphedBatchDecode(model, self.cache, max_batch_size, context_length,
+                                                   capture_graphs=not self.shard.parallel)
         else:
             self.cache = PagedKVCache(model.local_config, num_blocks, block_size, device=model.device,
                                       dtype=model.dtype)
@@ -208,15 +210,16 @@ class Engine:
         32 tokens up to max_prefill_tokens) and one decode step of each batch-size bucket (capturing its CUDA
         graph), on scratch blocks. A fresh machine otherwise autotunes and captures while serving, stalling every
         running request for seconds; Triton keeps the tuned configs on disk, so later processes warm up quickly.
-        No-op off CUDA."""
-        if self.graphed_decode is None:
+        No-op off CUDA, and in a tensor/expert-parallel group (its ranks' steps must run in lockstep: they tune on
+        their first requests)."""
+        if self.decode_steps is None or self.shard.parallel:
             return
         if self._thread is not None:
             raise EngineError("warm_up() must run before start()")
         limit = min(self.max_prefill_tokens, self.context_length, self.num_blocks * self.block_size)
         prefills = [2**i for i in range(5, limit.bit_length())]  # 32 .. the largest power of two <= limit
         vocab = self.model.config.vocab_size
-        steps = [(n, False) for n in prefills] + [(b, True) for b in self.graphed_decode.buckets]
+        steps = [(n, False) for n in prefills] + [(b, True) for b in self.decode_steps.buckets]
         for n, decode in tqdm(steps, desc="warming up", unit="step", disable=not progress):
             # a decode warm-up row per sequence, sequences sharing blocks when there are fewer blocks than rows
             blocks = [self.blocks.allocate() for _ in range(min(n, self.num_blocks) if decode
@@ -632,8 +635,8 @@ class Engine:
         if self.shard.parallel and self.shard.rank == 0:
             self.shard.object_from_first((len(tokens), tokens.dtype, entries))
             self.shard.tensor_from_first(tokens)
-        if self.graphed_decode is not None and len(tokens) == len(entries):
-            return self.graphed_decode(tokens, entries)
+        if self.decode_steps is not None and len(tokens) == len(entries):
+            return self.decode_steps(tokens, entries)
         ends = itertools.accumulate(end - start for _, start, end in entries)  # packed row after each sequence
         logits_rows = to_device(list(ends), tokens.device) - 1
         positions = self.cache.prepare(entries)

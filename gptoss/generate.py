@@ -39,14 +39,15 @@ class TokenGenerator:
         config = model.config
         self.context_length = context_length or min(DEFAULT_CONTEXT_LENGTH, config.max_context_length)
         self.graphed_decode = None
-        # GPU: Triton attention over the cache, decode in a CUDA graph. A tensor/expert-parallel shard steps
-        # eagerly over the reference cache: its collectives are not captured in graphs.
-        if triton_device(model.embedding.weight) and not model.shard.parallel:
+        # GPU: Triton attention over the cache (a tensor/expert-parallel shard's: its heads), decode in a CUDA
+        # graph in one process; a shard steps eagerly, its collectives not captured in graphs.
+        if triton_device(model.embedding.weight):
             from gptoss.cuda_cache import TritonKVCache
             from gptoss.cuda_graph import GraphedDecodeStep
 
-            self.cache = TritonKVCache(config, self.context_length, device=self.device, dtype=model.dtype)
-            self.graphed_decode = GraphedDecodeStep(model, self.cache)
+            self.cache = TritonKVCache(model.local_config, self.context_length, device=self.device, dtype=model.dtype)
+            if not model.shard.parallel:
+                self.graphed_decode = GraphedDecodeStep(model, self.cache)
         else:
             self.cache = KVCache(model.local_config, self.context_length, device=self.device, dtype=model.dtype)
 

@@ -186,21 +186,25 @@ class MLPBlock(nn.Module):
     def forward(self, x, update):
         """x: the block's input; update: the attention's output. Returns h + MoE(norm(h)) with h = x + update:
         taking the attention's residual add here lets the GPU path fuse it into the norm."""
-        if (isinstance(self.mlp1_weight, MXFP4Experts) and not self.shard.parallel
+        if (isinstance(self.mlp1_weight, MXFP4Experts)
                 and use_triton(x, update, self.norm.scale, self.gate.weight, self.mlp1_bias, self.mlp2_bias)):
             return self._forward_gpu(x, update)
         h = x + update
         t = self.norm(h)
         weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
         experts = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
-        if self.shard.parallel:  # this rank's experts' share, summed over the ranks in float32 as moe() sums
-            partial = moe_partial(t, weights, expert_ids, *experts, first_expert=self.first_expert)
-            return h + self.shard.sum(partial).to(t.dtype)
+        if self.shard.parallel:
+            return self._add_shares(h, moe_partial(t, weights, expert_ids, *experts, first_expert=self.first_expert))
         return h + moe(t, weights, expert_ids, *experts)
+
+    def _add_shares(self, h: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
+        """h + the MoE output from this rank's experts' float32 share: summed over the ranks in float32, as moe()
+        sums, then rounded."""
+        return h + self.shard.sum(partial).to(h.dtype)
 
     def _forward_gpu(self, x, update):
         """The same with packed experts on the GPU in a few launches: residual add + norm, the gate GEMV, top-K +
-        softmax, and the MoE kernels, whose last one adds h."""
+        softmax, and the MoE kernels, whose last one adds h (in one process; a shard adds the ranks' sum)."""
         from gptoss.kernels.moe_triton import gemv_serves, moe_triton_from_stores
         from gptoss.kernels.norm_triton import add_rms_norm
         from gptoss.kernels.route_triton import route_triton
@@ -208,8 +212,12 @@ class MLPBlock(nn.Module):
         h, t, t_float32 = add_rms_norm(x, update, self.norm.scale, RMS_NORM_EPS,
                                        with_float32=gemv_serves(x.shape[0]))  # for the MoE GEMV kernels
         weights, expert_ids = route_triton(linear(self.gate, t), self.experts_per_token)
-        return moe_triton_from_stores(t, weights, expert_ids, self.mlp1_weight, self.mlp1_bias, self.mlp2_weight,
-                                      self.mlp2_bias, self.swiglu_limit, residual=h, x_float32=t_float32)
+        experts = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
+        if self.shard.parallel:
+            partial = moe_triton_from_stores(t, weights, expert_ids, *experts, x_float32=t_float32,
+                                             first_expert=self.first_expert, num_experts=self.gate.out_features)
+            return self._add_shares(h, partial)
+        return moe_triton_from_stores(t, weights, expert_ids, *experts, residual=h, x_float32=t_float32)
 
 
 class TransformerBlock(nn.Module):

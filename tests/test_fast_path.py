@@ -103,9 +103,9 @@ def test_engine_on_gpu_picks_near_argmax_tokens(model_20b, model_20b_float32, mo
     as cuBLAS picks kernels by shape, and random weights give flat logits whose top two often lie closer than that
     noise. A wrong kernel picks tokens far below the argmax.)"""
     engine = Engine(model_20b, max_batch_size=16, context_length=512)
-    assert engine.graphed_decode is not None
+    assert engine.decode_steps is not None
     engine.warm_up()  # every decode bucket captured, the scratch blocks given back
-    assert sorted(engine.graphed_decode.graphs) == engine.graphed_decode.buckets
+    assert sorted(engine.decode_steps.graphs) == engine.decode_steps.buckets
     assert engine.blocks.num_free == engine.num_blocks
     params = SamplingParams(max_tokens=24, temperature=0.0, stop_token_ids=())
     prompts = [torch.randint(0, 199998, (20 + 13 * i,), generator=torch.Generator().manual_seed(i)).tolist()

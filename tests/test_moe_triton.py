@@ -140,6 +140,56 @@ def test_interpret_uneven_k():
     check(2, E=4, H=96, I=96, K=2, device="cpu", path="gemv", config={"BLOCK_U": 64, "BLOCK_H": 64, "BLOCK_K": 64})
 
 
+def check_shards(N, E, H, I, K, device, path, config=None, shards=2, seed=0, tol=TOL):
+    """Expert-parallel calls (first_expert=, num_experts=): each shard's float32 partial against moe_partial over
+    the same experts, and the shards' sum against moe(). Token 0 is routed only to the last shard's experts, so
+    the other shards hold none of its pairs (their buffers for it stay NaN: the combine must not read them)."""
+    from gptoss.kernels.moe import moe_partial
+
+    mlp1, b1, mlp2, b2 = make_layer(E, H, I, device, seed=seed)
+    x, w, ids = make_tokens(N, E, H, K, device, seed=seed + 100)
+    ids[0] = torch.arange(E - K, E, device=device)
+    held = E // shards
+    total = torch.zeros(N, H, dtype=torch.float32, device=device)
+    for first in range(0, E, held):
+        part = (slice(first, first + held),)
+        stores = [MXFP4Experts(held, w.blocks.shape[1], 32 * w.blocks.shape[2], device=device) for w in (mlp1, mlp2)]
+        for store, whole in zip(stores, (mlp1, mlp2)):
+            store.blocks.copy_(whole.blocks[part])
+            store.scales.copy_(whole.scales[part])
+        out = moe_triton(x, w, ids, stores[0].blocks, stores[0].scales, b1[part], stores[1].blocks,
+                         stores[1].scales, b2[part], 7.0, path=path, config=config, first_expert=first,
+                         num_experts=E)
+        ref = moe_partial(x, w, ids, stores[0], b1[part], stores[1], b2[part], 7.0, first_expert=first)
+        assert out.dtype == torch.float32 and torch.isfinite(out).all()
+        if ref.norm() > 0:
+            assert rel_err(out, ref) <= tol, f"experts {first}..: {rel_err(out, ref):.3e}"
+        if first < E - held:
+            assert not out[0].any()  # token 0 has no pair here
+        total += out
+    assert rel_err(total.to(x.dtype), moe(x, w, ids, mlp1, b1, mlp2, b2, 7.0)) <= tol
+
+
+@interp_only
+@pytest.mark.parametrize("path, config", [
+    ("gemv", {"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32}),
+    ("gemm_triton", {"BM": 16, "BN": 16, "BK": 32}),
+    ("gemm_dense", None),
+])
+def test_interpret_expert_shards(path, config):
+    if path == "gemm_dense" and not hasattr(torch.nn.functional, "grouped_mm"):
+        pytest.skip("this torch has no F.grouped_mm")
+    check_shards(3 if path == "gemv" else 9, E=8, H=64, I=64, K=4, device="cpu", path=path, config=config)
+
+
+def test_expert_shard_refuses_a_residual():
+    mlp1, b1, mlp2, b2 = make_layer(4, 64, 64, "cpu")
+    x, w, ids = make_tokens(2, 4, 64, 2, "cpu")
+    with pytest.raises(ValueError, match="no residual"):
+        moe_triton(x, w, ids, mlp1.blocks, mlp1.scales, b1, mlp2.blocks, mlp2.scales, b2, 7.0, residual=x,
+                   first_expert=0, num_experts=8)
+
+
 @triton.jit
 def _dequant_kernel(b_ptr, s_ptr, lo_ptr, hi_ptr, n, BLOCK: tl.constexpr, DENORM: tl.constexpr):
     offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
@@ -385,6 +435,15 @@ def test_gpu_mma_tails(N):
               scales=(120, 129), against_triton=3e-3)
 
 
+@pytest.mark.skipif(not GPU, reason="needs CUDA")
+@pytest.mark.parametrize("N", [1, 5, 64, 600])
+@pytest.mark.parametrize("shards", [2, 4])
+def test_gpu_expert_shards(N, shards):
+    """Expert-parallel calls at 20b shapes on each path "auto" takes (GEMV, tensor-core GEMMs) against
+    moe_partial."""
+    check_shards(N, E=32, H=2880, I=2880, K=4, device="cuda", path="auto", shards=shards, seed=N)
+
+
 @mma_only
 def test_gpu_mma_large_scales_fall_back():
     """A scale byte above 128 would overflow the kernels' bf16 multiplier: path gemm then takes the Triton GEMM
@@ -439,12 +498,13 @@ def test_gpu_hopper_gemm_dispatch(monkeypatch):
     x = torch.zeros(1, 2880, dtype=torch.bfloat16, device="cuda")
     scales = torch.full((32, 5760, 90), 127, dtype=torch.uint8, device="cuda")
     dense_from = MIN_ROWS_PER_EXPERT * 32 // 4  # tokens of 4 pairs
-    assert _gemm_kernels(MMA_MAX_TOKENS, 4, x, scales, scales) == "gemm_mma"
-    assert _gemm_kernels(MMA_MAX_TOKENS + 1, 4, x, scales, scales) == "gemm_wgmma"
-    assert _gemm_kernels(dense_from - 1, 4, x, scales, scales) == "gemm_wgmma"
-    assert _gemm_kernels(dense_from, 4, x, scales, scales) == "gemm_dense"
+    assert _gemm_kernels(MMA_MAX_TOKENS, 4 * MMA_MAX_TOKENS, x, scales, scales) == "gemm_mma"
+    assert _gemm_kernels(MMA_MAX_TOKENS + 1, 4 * (MMA_MAX_TOKENS + 1), x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from - 1, 4 * (dense_from - 1), x, scales, scales) == "gemm_wgmma"
+    assert _gemm_kernels(dense_from, 4 * dense_from, x, scales, scales) == "gemm_dense"
+    assert _gemm_kernels(dense_from, 2 * dense_from, x, scales, scales) == "gemm_wgmma"  # a shard's share
     monkeypatch.setenv("GPTOSS_MOE_GEMM", "triton")
-    assert _gemm_kernels(1024, 4, x, scales, scales) == "gemm_triton"
+    assert _gemm_kernels(1024, 4096, x, scales, scales) == "gemm_triton"
 
 
 @wgmma_only

@@ -12,7 +12,7 @@ import torch
 import torch.multiprocessing as mp
 
 import gptoss.checkpoint
-from conftest import SMALL, free_port, interrupt, relative_error, wait_until_serving
+from conftest import SMALL, TRITON_INTERPRET_TESTS, free_port, interrupt, relative_error, wait_until_serving
 from gptoss.checkpoint import load_model
 from gptoss.checkpoint_writer import write_checkpoint
 from gptoss.config import preset
@@ -128,6 +128,61 @@ def test_ranks_compute_what_one_process_does(wide_checkpoints, world_size, tmp_p
         assert relative_error(result["logits"], expected) <= 1e-5
         assert result["greedy"] == greedy
         assert result["sampled"] == results[0]["sampled"]
+
+
+def run_fast_path_rank(rank, world_size, folder, store, results):
+    """The GPU fast path on a shard, on the CPU through Triton's interpreter (every Triton dispatch of gptoss.model
+    on): TritonKVCache's prefill and decode steps, and the engine's paged decode step run eagerly (as a shard runs
+    it) over TritonPagedKVCache."""
+    import gptoss.model
+    from gptoss.cuda_cache import TritonKVCache, TritonPagedKVCache
+    from gptoss.cuda_graph import GraphedBatchDecode
+
+    gptoss.model.use_triton = lambda *tensors: True
+    torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
+    try:
+        model = load_model(folder, dtype=torch.float32, shard=Shard(rank, world_size))
+        tokens = fast_path_tokens()
+        with torch.inference_mode():
+            cache = TritonKVCache(model.local_config, context_length=len(tokens), dtype=torch.float32)
+            one = [model(tokens[:20], cache.reserve(20), cache)]  # longer than the window: the ring wraps
+            one += [model(tokens[i : i + 1], cache.reserve(1), cache) for i in range(20, len(tokens))]
+            paged = TritonPagedKVCache(model.local_config, num_blocks=8, block_size=4, dtype=torch.float32)
+            tables, prompts = [[0, 1, 2], [3, 4, 5, 6, 7]], (7, 17)
+            positions = paged.prepare([(t, 0, n) for t, n in zip(tables, prompts)])
+            model(torch.cat([tokens[:prompts[0]], tokens[:prompts[1]]]), positions, paged)
+            paged.finish()
+            steps = GraphedBatchDecode(model, paged, max_batch=4, max_context=20, capture_graphs=False)
+            decoded = [steps(torch.stack([tokens[n + j] for n in prompts]),
+                             [(t, n + j, n + j + 1) for t, n in zip(tables, prompts)]) for j in range(2)]
+        torch.save({"one": torch.cat(one), "paged": torch.stack(decoded)}, f"{results}.{rank}")
+        torch.distributed.barrier()
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def fast_path_tokens() -> torch.Tensor:
+    return torch.randint(0, WIDE.vocab_size, (24,), generator=torch.Generator().manual_seed(4))
+
+
+@pytest.mark.skipif(not TRITON_INTERPRET_TESTS, reason="runs where Triton's interpreter is in use")
+def test_fast_path_on_shards_computes_what_one_process_does(tmp_path):
+    """Attention over a shard's heads through the Triton kernels and caches, and the Triton MoE over a shard's
+    experts (each rank's float32 share summed over the ranks), give the one-process pure logits."""
+    pytest.importorskip("triton")
+    two_layers = dataclasses.replace(WIDE, num_hidden_layers=2)  # a sliding-window layer and a full layer
+    folder = write_checkpoint(tmp_path / "ckpt", two_layers, "original", seed=6)
+    mp.spawn(run_fast_path_rank, args=(2, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=2)
+    model = load_model(folder, dtype=torch.float32)
+    tokens = fast_path_tokens()
+    with torch.no_grad():
+        pure = model(tokens)
+        # the paged steps' sequences: prompts of 7 and 17 tokens of `tokens`, then 2 decode steps each
+        paged = torch.stack([torch.stack([model(tokens[: n + j + 1])[-1] for n in (7, 17)]) for j in range(2)])
+    for rank in range(2):
+        result = torch.load(tmp_path / f"out.{rank}")
+        assert relative_error(result["one"], pure) <= 1e-5
+        assert relative_error(result["paged"], paged) <= 1e-5
 
 
 def test_torchrun_generate_prints_what_one_process_prints(tmp_path):

@@ -14,7 +14,7 @@ from gptoss.kernels.sample_triton import exponential_race  # noqa: E402
 from gptoss.sampling import exponential_race_reference  # noqa: E402
 
 DEVICE = "cpu" if INTERPRET else "cuda"
-ROWS = 3000 if INTERPRET else 20000
+ROWS = 2000 if INTERPRET else 20000
 
 
 def _rows(value: float, n: int) -> torch.Tensor:

@@ -292,6 +292,7 @@ if HAS_TRITON:
         b_ptr,  # (E, 2I)
         act_ptr,  # (M, I) out, by pair
         M,
+        E,  # experts held
         limit,
         H: tl.constexpr,
         I: tl.constexpr,
@@ -302,12 +303,15 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,  # inputs per step (multiple of 32)
         PDL: tl.constexpr,  # launched with programmatic dependent launch (gptoss.kernels.pdl)
         FP8_CVT: tl.constexpr,  # FP4 decoded through e4m3 (`_fp4_octet_e4m3`, sm_89+)
+        SHARD: tl.constexpr,  # an expert shard's call: pairs of expert id E are other ranks' (skipped)
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
-        follower, e = _first_of_expert(ids_ptr, i, M, MP)
-        if follower:
+        skip, e = _first_of_expert(ids_ptr, i, M, MP)
+        if SHARD:  # an expert shard's call: its other ranks' pairs carry expert id E
+            skip = skip | (e >= E)
+        if skip:
             return
         R: tl.constexpr = 2 * BLOCK_U
         local = j * R + tl.arange(0, R)  # rows within the expert: 2u gate, 2u+1 linear
@@ -332,6 +336,7 @@ if HAS_TRITON:
         b_ptr,  # (E, H)
         y_ptr,  # (M, H) out: expert output (with its bias), by pair
         M,
+        E,
         H: tl.constexpr,
         I: tl.constexpr,
         MP: tl.constexpr,
@@ -339,12 +344,15 @@ if HAS_TRITON:
         BLOCK_K: tl.constexpr,
         PDL: tl.constexpr,
         FP8_CVT: tl.constexpr,
+        SHARD: tl.constexpr,
     ):
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
-        follower, e = _first_of_expert(ids_ptr, i, M, MP)
-        if follower:
+        skip, e = _first_of_expert(ids_ptr, i, M, MP)
+        if SHARD:
+            skip = skip | (e >= E)
+        if skip:
             return
         hs = j * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) output features
         hmask = hs < H
@@ -357,11 +365,13 @@ if HAS_TRITON:
 
     @triton.jit
     def _combine_kernel(y_ptr, rw_ptr, res_ptr, rows_ptr, out_ptr, H: tl.constexpr, K_ROUTE: tl.constexpr,
-                        RESIDUAL: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                        RESIDUAL: tl.constexpr, ROWS: tl.constexpr, SHARD: tl.constexpr, BLOCK: tl.constexpr,
+                        PDL: tl.constexpr):
         """out[n] = sum_k w(n, k) * y[row of pair], pair = n * K + k (the row: rows[pair] with ROWS, else the
         pair), summed in float32 in a fixed order and cast to out's dtype (one launch instead of torch's sum +
         cast; no atomics, so deterministic). RESIDUAL:
-        out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add)."""
+        out[n] = res[n] + that sum, rounded as the pure path rounds (the sum to out's dtype first, then the add).
+        SHARD: pairs of weight 0 (an expert shard's other ranks' pairs, whose y was never written) are not read."""
         n = tl.program_id(0).to(tl.int64)
         hs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
         hm = hs < H
@@ -370,8 +380,9 @@ if HAS_TRITON:
         for k in tl.static_range(K_ROUTE):
             p = n * K_ROUTE + k
             row = tl.load(rows_ptr + p).to(tl.int64) if ROWS else p
-            y = tl.load(y_ptr + row * H + hs, mask=hm, other=0.0).to(tl.float32)
-            acc += tl.load(rw_ptr + p).to(tl.float32) * y
+            w = tl.load(rw_ptr + p).to(tl.float32)
+            y = tl.load(y_ptr + row * H + hs, mask=tl.where(w != 0, hm, False) if SHARD else hm, other=0.0).to(tl.float32)
+            acc += w * y
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
             out = (tl.load(res_ptr + n * H + hs, mask=hm, other=0.0).to(tl.float32) + out.to(tl.float32)).to(
@@ -733,15 +744,16 @@ def _dense_gemm_serves(x: torch.Tensor) -> bool:
     return (x.is_cuda or triton_interpreting()) and dense_gemm_available(x)
 
 
-def _gemm_kernels(n: int, k: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
-    """The grouped GEMM that path "gemm" runs for n tokens of k pairs: the tensor-core kernels where they serve
+def _gemm_kernels(n: int, pairs: int, x: torch.Tensor, mlp1_scales: torch.Tensor, mlp2_scales: torch.Tensor) -> str:
+    """The grouped GEMM that path "gemm" runs for n tokens whose (token, expert) pairs on these experts number
+    `pairs`: the tensor-core kernels where they serve
     (moe_mma up to MMA_MAX_TOKENS), the dequantizing grouped GEMM where it pays (long prefills), Hopper's
     moe_wgmma in between, else this module's."""
     from gptoss.kernels.moe_dense import dense_gemm_pays
 
     if n <= MMA_MAX_TOKENS and _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         return "gemm_mma"
-    if n > MMA_MAX_TOKENS and dense_gemm_pays(x, n * k, mlp1_scales):
+    if n > MMA_MAX_TOKENS and dense_gemm_pays(x, pairs, mlp1_scales):
         return "gemm_dense"
     if n > MMA_MAX_TOKENS and _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
         return "gemm_wgmma"
@@ -765,12 +777,17 @@ def moe_triton(
     path: str = "auto",
     config: dict | None = None,
     denorm: bool | None = None,
+    first_expert: int | None = None,
+    num_experts: int | None = None,
 ) -> torch.Tensor:
     """sum_k weights[:, k] * expert_{ids[:, k]}(x) as (N, H) in x's dtype; the same function as
     gptoss.kernels.moe.moe with MXFP4 expert stores, computed from the packed bytes.
 
     residual (N, H): returns residual + that sum instead (the block's residual add, fused into the last kernel).
     x_float32: x.float() when the caller already has it (the fused norm writes it); the GEMV path reads it.
+    first_expert, num_experts: an expert-parallel shard's call (gptoss.parallel), whose stores hold global experts
+      first_expert .. first_expert + E - 1 of num_experts: only the pairs routed to them are computed, and the
+      result is their float32 partial sum (gptoss.kernels.moe.moe_partial's function), for the ranks to add up.
 
     path: "auto" (by N, see MMA_MIN_TOKENS above), "gemv", "gemm" (the tensor-core kernels where they serve:
       `gptoss.kernels.moe_mma` up to MMA_MAX_TOKENS, `gptoss.kernels.moe_wgmma` above on Hopper when asked for,
@@ -810,12 +827,23 @@ def moe_triton(
     dev = x.device
     interp = triton_interpreting()
     limit = float(swiglu_limit)
+    shard = first_expert is not None
+    out_dtype = torch.float32 if shard else x.dtype
+    pairs_held = M  # the pairs routed to these experts: all of them, or (by expectation) a shard's share
+    if shard:
+        if residual is not None or num_experts is None:
+            raise ValueError("an expert shard's call takes num_experts and no residual (added after the ranks' sum)")
+        pairs_held = M * E // num_experts
+        local = expert_ids - first_expert
+        held = (local >= 0) & (local < E)
+        expert_ids = torch.where(held, local, E)  # other ranks' pairs: expert id E, grouped last and never run
+        weights = torch.where(held, weights, 0)  # and never read by the combine
 
     if path == "auto":
         if gemv_serves(N):
             path = "gemv"
         else:
-            path = _gemm_kernels(N, K, x, mlp1_scales, mlp2_scales)
+            path = _gemm_kernels(N, pairs_held, x, mlp1_scales, mlp2_scales)
             if path == "gemm_triton" and N <= DECODE_MAX_TOKENS:
                 path = "gemv"
 
@@ -842,18 +870,19 @@ def moe_triton(
         # the FP4 decode through e4m3 conversions where they exist (sm_89 and later): 3.5% faster decode on H100
         fp8 = not interp and arch_switch("FP8_CVT", cuda_arch(x))
         k1[lambda m: (M, triton.cdiv(I, m["BLOCK_U"]))](
-            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
-            ACT_DTYPE=_TL_DTYPES[x.dtype], FP8_CVT=fp8,
+            xf, ids, w1, mlp1_scales, mlp1_bias, act, M, E, limit, H=H, I=I, K_ROUTE=K, MP=MP, PDL=pdl,
+            ACT_DTYPE=_TL_DTYPES[x.dtype], FP8_CVT=fp8, SHARD=shard,
             launch_pdl=pdl, **c1)
-        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, H=H, I=I,
-                                                         MP=MP, PDL=pdl, FP8_CVT=fp8, launch_pdl=pdl, **c2)
-        return _combine(y, weights, residual, x.dtype)
+        k2[lambda m: (M, triton.cdiv(H, m["BLOCK_H"]))](act, ids, w2, mlp2_scales, mlp2_bias, y, M, E, H=H, I=I,
+                                                         MP=MP, PDL=pdl, FP8_CVT=fp8, SHARD=shard, launch_pdl=pdl,
+                                                         **c2)
+        return _combine(y, weights, residual, out_dtype, shard=shard)
 
     if path not in ("gemm", "gemm_mma", "gemm_wgmma", "gemm_dense", "gemm_triton"):
         raise ValueError(f"path must be 'auto', 'gemv', 'gemm', 'gemm_mma', 'gemm_wgmma', 'gemm_dense' or "
                          f"'gemm_triton', got {path!r}")
     if path == "gemm":
-        path = _gemm_kernels(N, K, x, mlp1_scales, mlp2_scales)
+        path = _gemm_kernels(N, pairs_held, x, mlp1_scales, mlp2_scales)
     elif path == "gemm_mma" and not _mma_gemm_serves(x, mlp1_scales, mlp2_scales):
         raise ValueError("the tensor-core GEMM (gptoss.kernels.moe_mma) does not serve these inputs")
     elif path == "gemm_wgmma" and not _wgmma_gemm_serves(x, mlp1_scales, mlp2_scales):
@@ -861,7 +890,9 @@ def moe_triton(
     elif path == "gemm_dense" and not _dense_gemm_serves(x):
         raise ValueError("the dequantizing grouped GEMM (gptoss.kernels.moe_dense) does not serve these inputs")
     denorm = _denorm_default() if denorm is None else denorm
-    order, seg_end = group_pairs(expert_ids.reshape(-1), E)
+    # the kernels run the experts' segments only: a shard's other ranks' pairs (expert E) sort after them
+    order, seg_end = group_pairs(expert_ids.reshape(-1), E + 1 if shard else E)
+    seg_end = seg_end[:E]
     if path in ("gemm_mma", "gemm_wgmma"):
         from gptoss.kernels.moe_mma import mlp_mma_gemm
         from gptoss.kernels.moe_wgmma import mlp_wgmma_gemm
@@ -869,13 +900,13 @@ def moe_triton(
         gemm = mlp_mma_gemm if path == "gemm_mma" else mlp_wgmma_gemm
         y = gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales, mlp2_bias,
                  limit, K, config=config)
-        return _combine(y, weights, residual, x.dtype)
+        return _combine(y, weights, residual, out_dtype, shard=shard)
     if path == "gemm_dense":
         from gptoss.kernels.moe_dense import mlp_dense_gemm
 
         y, rows = mlp_dense_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_blocks, mlp2_scales,
                                  mlp2_bias, limit, K)
-        return _combine(y, weights, residual, x.dtype, rows=rows)
+        return _combine(y, weights, residual, out_dtype, rows=rows, shard=shard)
     act = _empty((M, I), x.dtype, dev)  # SwiGLU output, sorted rows
     y = _empty((M, H), x.dtype, dev)  # expert outputs, pair order
     EP = _next_pow2(E)
@@ -897,7 +928,7 @@ def moe_triton(
     k2[lambda m: (triton.cdiv(H, m["BN"]), n_tiles(m["BM"]))](
         act, order, seg_end, E, mlp2_blocks, mlp2_scales, mlp2_bias, y, tune_m,
         H=H, I=I, EP=EP, DENORM=denorm, DOT_F32=interp, **c)
-    return _combine(y, weights, residual, x.dtype)
+    return _combine(y, weights, residual, out_dtype, shard=shard)
 
 
 # Pairs one program groups alone: a (pairs, experts) one-hot of at most GROUP_ONEHOT int32 in registers (1,024
@@ -935,9 +966,9 @@ def group_pairs(flat_ids: torch.Tensor, num_experts: int) -> tuple[torch.Tensor,
 
 
 def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | None, dtype,
-             rows: torch.Tensor | None = None) -> torch.Tensor:
+             rows: torch.Tensor | None = None, shard: bool = False) -> torch.Tensor:
     """y (N * K, H) expert outputs by pair (or where rows (N * K,) int32 says each pair's is), weights (N, K) ->
-    (N, H): the routing-weighted sum (+ residual)."""
+    (N, H): the routing-weighted sum (+ residual). shard: pairs of weight 0 are not read (see _combine_kernel)."""
     n, k = weights.shape
     h = y.shape[1]
     out = torch.empty((n, h), device=y.device, dtype=dtype)
@@ -946,8 +977,8 @@ def _combine(y: torch.Tensor, weights: torch.Tensor, residual: torch.Tensor | No
     pdl = pdl_enabled(y)
     _combine_kernel[(n, triton.cdiv(h, block))](y, weights.reshape(-1).contiguous(), res,
                                                 y if rows is None else rows, out, H=h, K_ROUTE=k,
-                                                RESIDUAL=residual is not None, ROWS=rows is not None, BLOCK=block,
-                                                PDL=pdl, num_warps=4, launch_pdl=pdl)
+                                                RESIDUAL=residual is not None, ROWS=rows is not None, SHARD=shard,
+                                                BLOCK=block, PDL=pdl, num_warps=4, launch_pdl=pdl)
     return out
 
 
