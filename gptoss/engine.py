@@ -43,9 +43,10 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
 - Tensor/expert parallel (a model built with a gptoss.parallel.Shard, under torchrun): rank 0's engine schedules
   and samples; before each forward it sends the step (tokens, block tables, positions) to the other ranks, whose
   engines run `follow()`: the same forward over their shard and their own paged cache (same blocks, their KV
-  heads), until rank 0's engine stops. Sharded models step eagerly through PagedKVCache (no Triton cache or
-  graphs yet). A step that raises on one rank only (out of memory, say) leaves the others waiting in its
-  collectives: the server must be restarted then.
+  heads), until rank 0's engine stops (warm-up runs the same way). On CUDA a shard runs the Triton kernels and
+  caches like one process, but its decode steps run eagerly: its collectives are not captured in graphs. A step
+  that raises on one rank only (out of memory, say) leaves the others waiting in its collectives: the server must
+  be restarted then.
 """
 
 from __future__ import annotations
@@ -210,12 +211,15 @@ class Engine:
         32 tokens up to max_prefill_tokens) and one decode step of each batch-size bucket (capturing its CUDA
         graph), on scratch blocks. A fresh machine otherwise autotunes and captures while serving, stalling every
         running request for seconds; Triton keeps the tuned configs on disk, so later processes warm up quickly.
-        No-op off CUDA, and in a tensor/expert-parallel group (its ranks' steps must run in lockstep: they tune on
-        their first requests)."""
-        if self.decode_steps is None or self.shard.parallel:
+        No-op off CUDA. In a tensor/expert-parallel group every rank calls it: rank 0 runs the steps, which the
+        other ranks follow (their collectives must meet) until rank 0's warm-up ends."""
+        if self.decode_steps is None:
             return
         if self._thread is not None:
             raise EngineError("warm_up() must run before start()")
+        if self.shard.parallel and self.shard.rank != 0:
+            self.follow()
+            return
         limit = min(self.max_prefill_tokens, self.context_length, self.num_blocks * self.block_size)
         prefills = [2**i for i in range(5, limit.bit_length())]  # 32 .. the largest power of two <= limit
         vocab = self.model.config.vocab_size
@@ -230,7 +234,10 @@ class Engine:
                     self._forward(torch.randint(vocab, (n,), device=self.model.device), entries)
             finally:
                 self.blocks.release_all(blocks)
-        torch.cuda.synchronize(self.model.device)
+        if self.shard.parallel:
+            self.shard.object_from_first(None)  # the followers' warm-up ends
+        if self.model.device.type == "cuda":
+            torch.cuda.synchronize(self.model.device)
 
     def start(self) -> None:
         """Starts the background step loop (idempotent)."""
@@ -621,7 +628,7 @@ class Engine:
 
     def follow(self) -> None:
         """On a rank other than 0 of a parallel group: runs the forward of every step rank 0's engine runs, over this
-        rank's shard and cache, until that engine stops."""
+        rank's shard and cache, until that engine stops (or its warm-up ends)."""
         while (step := self.shard.object_from_first(None)) is not None:
             count, dtype, entries = step
             tokens = self.shard.tensor_from_first(torch.empty(count, dtype=dtype, device=self.model.device))
@@ -631,7 +638,8 @@ class Engine:
     def _forward(self, tokens: torch.Tensor, entries) -> torch.Tensor:
         """(N,) packed tokens of the step's sequences (entries: (block_table, start, end) each) -> logits (B, V)
         of each sequence's last fed token. On CUDA attention and MoE run as Triton kernels, and decode steps (one
-        token per sequence) replay CUDA graphs. On rank 0 of a parallel group, the other ranks follow."""
+        token per sequence) replay CUDA graphs (a shard's run eagerly). On rank 0 of a parallel group, the other
+        ranks follow."""
         if self.shard.parallel and self.shard.rank == 0:
             self.shard.object_from_first((len(tokens), tokens.dtype, entries))
             self.shard.tensor_from_first(tokens)

@@ -32,6 +32,7 @@ from torch.nn.utils import parametrize
 
 from gptoss.errors import GptOssError
 from gptoss.experts import DenseExperts
+from gptoss.parallel import held_ranges
 
 TARGETS = ("attention", "experts")
 _WEIGHTS, _CONFIG = "adapter.safetensors", "adapter_config.json"
@@ -131,11 +132,10 @@ def save_adapter(model, folder: str | os.PathLike) -> Path:
 
 
 def load_adapter(model, folder: str | os.PathLike) -> dict:
-    """Merges a saved adapter into the model's weights (see the module docstring); returns its config."""
+    """Merges a saved adapter into the model's weights (see the module docstring); returns its config. A
+    tensor/expert-parallel shard merges the slices of the update that its weights hold."""
     from safetensors import safe_open
 
-    if model.shard.parallel:
-        raise GptOssError("adapters are merged in one process (world size 1)")
     folder = Path(folder)
     config_path, weights_path = folder / _CONFIG, folder / _WEIGHTS
     for path in (config_path, weights_path):
@@ -152,6 +152,7 @@ def load_adapter(model, folder: str | os.PathLike) -> dict:
                           f"{_shape(model.config)}")
     with safe_open(str(weights_path), "pt") as f:
         pairs = _pairs({name: f.get_tensor(name) for name in f.keys()}, weights_path)
+    pairs = {name: _held_factors(model, name, a, b) for name, (a, b) in pairs.items()}
     targets = {name: _target(model, name, a, b, weights_path) for name, (a, b) in pairs.items()}  # all checked
     with torch.no_grad():  # before any weight changes
         for name, (a, b) in pairs.items():
@@ -168,6 +169,26 @@ def _pairs(factors: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
             raise GptOssError(f"{path}: tensor {name!r} is not half of a lora_a / lora_b pair")
         pairs[module] = (factors[module + ".lora_a"], factors[module + ".lora_b"])
     return pairs
+
+
+def _held_factors(model, module_name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The factors of this rank's slices of the update B A to a module's weight, as gptoss.parallel splits that
+    weight: B's rows where it splits the weight's rows, A's columns where it splits its columns, both factors'
+    experts for an expert store; whole factors in one process or for a replicated weight. Factors too small to
+    slice are left as they are (the shape check names them)."""
+    held = held_ranges(module_name + ".weight", model.config, model.shard)
+    if held is None:
+        return a, b
+    dim, ranges = held
+
+    def take(t: torch.Tensor, d: int) -> torch.Tensor:
+        if max(stop for _, stop in ranges) > t.shape[d]:
+            return t
+        return torch.cat([t.narrow(d, start, stop - start) for start, stop in ranges], dim=d)
+
+    if a.dim() == 3:  # experts: A (E, r, in), B (E, out, r)
+        return take(a, 0), take(b, 0)
+    return (a, take(b, 0)) if dim == 0 else (take(a, 1), b)
 
 
 def _target(model, module_name: str, a: torch.Tensor, b: torch.Tensor, path) -> nn.Module:

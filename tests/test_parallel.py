@@ -19,6 +19,7 @@ from gptoss.config import preset
 from gptoss.engine import Engine, SamplingParams
 from gptoss.errors import ConfigError
 from gptoss.generate import TokenGenerator
+from gptoss.lora import add_lora, load_adapter, save_adapter
 from gptoss.model import Transformer
 from gptoss.parallel import Shard, held_ranges
 
@@ -132,13 +133,16 @@ def test_ranks_compute_what_one_process_does(wide_checkpoints, world_size, tmp_p
 
 def run_fast_path_rank(rank, world_size, folder, store, results):
     """The GPU fast path on a shard, on the CPU through Triton's interpreter (every Triton dispatch of gptoss.model
-    on): TritonKVCache's prefill and decode steps, and the engine's paged decode step run eagerly (as a shard runs
-    it) over TritonPagedKVCache."""
+    on, and the engine built as on a GPU): TritonKVCache's prefill and decode steps; the engine's paged decode step
+    run eagerly (as a shard runs it) over TritonPagedKVCache; and the engine itself, warm-up included (rank 0
+    runs it, the others follow), serving requests."""
+    import gptoss.engine
     import gptoss.model
     from gptoss.cuda_cache import TritonKVCache, TritonPagedKVCache
     from gptoss.cuda_graph import GraphedBatchDecode
 
     gptoss.model.use_triton = lambda *tensors: True
+    gptoss.engine.triton_device = lambda x: True
     torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world_size)
     try:
         model = load_model(folder, dtype=torch.float32, shard=Shard(rank, world_size))
@@ -155,7 +159,8 @@ def run_fast_path_rank(rank, world_size, folder, store, results):
             steps = GraphedBatchDecode(model, paged, max_batch=4, max_context=20, capture_graphs=False)
             decoded = [steps(torch.stack([tokens[n + j] for n in prompts]),
                              [(t, n + j, n + j + 1) for t, n in zip(tables, prompts)]) for j in range(2)]
-        torch.save({"one": torch.cat(one), "paged": torch.stack(decoded)}, f"{results}.{rank}")
+        served = small_engine_outputs(model, warm_up=True)
+        torch.save({"one": torch.cat(one), "paged": torch.stack(decoded), "served": served}, f"{results}.{rank}")
         torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
@@ -165,10 +170,38 @@ def fast_path_tokens() -> torch.Tensor:
     return torch.randint(0, WIDE.vocab_size, (24,), generator=torch.Generator().manual_seed(4))
 
 
+def small_engine_outputs(model, warm_up: bool = False) -> dict:
+    """Two greedy requests through a small engine: {"tokens": their tokens (rank 0 or one process; None on the
+    other ranks, which follow), "warm_up_steps": the steps this rank ran in the engine's warm-up}."""
+    engine = Engine(model, max_batch_size=2, context_length=40, block_size=4, num_blocks=20, max_prefill_tokens=16)
+    forward, warm_up_steps = engine._forward, []
+    engine._forward = lambda *args: warm_up_steps.append(len(args[1])) or forward(*args)
+    if warm_up:
+        engine.warm_up()
+    engine._forward = forward
+    if model.shard.rank != 0:
+        engine.follow()
+        return {"tokens": None, "warm_up_steps": warm_up_steps}
+    prompts = [fast_path_tokens()[:9].tolist(), fast_path_tokens()[5:16].tolist()]
+
+    async def run_all():
+        async def one(prompt):
+            params = SamplingParams(max_tokens=4, temperature=0.0, stop_token_ids=())
+            return [out.token async for out in engine.generate(prompt, params)]
+        return await asyncio.gather(*(one(p) for p in prompts))
+
+    engine.start()
+    try:
+        return {"tokens": asyncio.run(run_all()), "warm_up_steps": warm_up_steps}
+    finally:
+        engine.stop()
+
+
 @pytest.mark.skipif(not TRITON_INTERPRET_TESTS, reason="runs where Triton's interpreter is in use")
 def test_fast_path_on_shards_computes_what_one_process_does(tmp_path):
     """Attention over a shard's heads through the Triton kernels and caches, and the Triton MoE over a shard's
-    experts (each rank's float32 share summed over the ranks), give the one-process pure logits."""
+    experts (each rank's float32 share summed over the ranks), give the one-process pure logits; the engine built
+    as on a GPU (warm-up in lockstep, eager decode steps) serves the one-process tokens."""
     pytest.importorskip("triton")
     two_layers = dataclasses.replace(WIDE, num_hidden_layers=2)  # a sliding-window layer and a full layer
     folder = write_checkpoint(tmp_path / "ckpt", two_layers, "original", seed=6)
@@ -179,10 +212,13 @@ def test_fast_path_on_shards_computes_what_one_process_does(tmp_path):
         pure = model(tokens)
         # the paged steps' sequences: prompts of 7 and 17 tokens of `tokens`, then 2 decode steps each
         paged = torch.stack([torch.stack([model(tokens[: n + j + 1])[-1] for n in (7, 17)]) for j in range(2)])
-    for rank in range(2):
-        result = torch.load(tmp_path / f"out.{rank}")
+    served = small_engine_outputs(model)["tokens"]
+    results = [torch.load(tmp_path / f"out.{rank}") for rank in range(2)]
+    for result in results:
         assert relative_error(result["one"], pure) <= 1e-5
         assert relative_error(result["paged"], paged) <= 1e-5
+        assert result["served"]["warm_up_steps"] == [1, 2]  # a decode step of each batch bucket, on both ranks
+    assert results[0]["served"]["tokens"] == served and results[1]["served"]["tokens"] is None
 
 
 def test_torchrun_generate_prints_what_one_process_prints(tmp_path):
@@ -285,6 +321,28 @@ def test_torchrun_serve(tmp_path):
 def test_uneven_split_is_refused():
     with pytest.raises(ConfigError, match=r"num_key_value_heads \(2\) cannot be split evenly over 3 ranks"):
         Transformer(SMALL, shard=Shard(0, 3), device="meta")
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_each_rank_merges_its_slices_of_an_adapter(wide_checkpoints, world_size, tmp_path):
+    """An adapter on the attention and every expert, merged by each rank of a tensor/expert-parallel model (experts
+    dequantized), gives the slices of the one-process merged weights that the rank holds."""
+    folder = wide_checkpoints[("original", "mxfp4")]
+    trained = load_model(folder, dtype=torch.float32, dequantize=True)
+    for factor in add_lora(trained, rank=4, alpha=8):
+        factor.data.normal_(generator=torch.Generator().manual_seed(factor.numel()))  # B no longer zero
+    save_adapter(trained, tmp_path / "adapter")
+    whole = load_model(folder, dtype=torch.float32, dequantize=True)
+    load_adapter(whole, tmp_path / "adapter")
+    whole_state = whole.state_dict()
+    merged_keys = [key for key in whole_state if key.endswith(("qkv.weight", "out.weight", "_weight.weight"))]
+    assert len(merged_keys) == 4 * WIDE.num_hidden_layers
+    for rank in range(world_size):
+        shard = Shard(rank, world_size)
+        part = load_model(folder, dtype=torch.float32, dequantize=True, shard=shard)
+        load_adapter(part, tmp_path / "adapter")
+        for key, tensor in part.state_dict().items():
+            assert torch.equal(tensor, held_part(whole_state[key], key, shard)), key
 
 
 def test_training_through_shards_stops():

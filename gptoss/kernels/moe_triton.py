@@ -381,8 +381,8 @@ if HAS_TRITON:
             p = n * K_ROUTE + k
             row = tl.load(rows_ptr + p).to(tl.int64) if ROWS else p
             w = tl.load(rw_ptr + p).to(tl.float32)
-            y = tl.load(y_ptr + row * H + hs, mask=tl.where(w != 0, hm, False) if SHARD else hm, other=0.0).to(tl.float32)
-            acc += w * y
+            read = tl.where(w != 0, hm, False) if SHARD else hm
+            acc += w * tl.load(y_ptr + row * H + hs, mask=read, other=0.0).to(tl.float32)
         out = acc.to(out_ptr.dtype.element_ty)
         if RESIDUAL:
             out = (tl.load(res_ptr + n * H + hs, mask=hm, other=0.0).to(tl.float32) + out.to(tl.float32)).to(
