@@ -13,7 +13,8 @@ their target tokens, gradient norm clipped; examples shuffled each epoch by --se
 backward pass (gradient checkpointing), so memory holds one block's activations at a time. The pure PyTorch path runs
 (autograd differentiates it: sink attention, sliding windows, the MoE over packed experts). A progress bar shows
 the loss; the adapter is written at the end (gptoss.lora.save_adapter). --eval-data: held-out examples whose mean
-token loss is reported before and after training.
+token loss is reported before and after training. Under torchrun a tensor/expert-parallel model trains (see
+gptoss.parallel and gptoss.lora.add_lora): each rank its slices of the adapter, on every example.
 """
 
 from __future__ import annotations
@@ -110,6 +111,8 @@ def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, e
     """Fine-tunes params (the adapter's factors) on the examples; returns each optimizer step's mean token loss.
     gradient_checkpointing: recompute each block in the backward pass (the same gradients, one block's
     activations in memory at a time)."""
+    from gptoss.lora import clip_grad_norm
+
     optimizer = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     order = random.Random(seed)
     steps = epochs * math.ceil(len(examples) / batch_size)
@@ -130,7 +133,7 @@ def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, e
                     loss, _ = example_loss(model, ex)
                     (loss / targets).backward()
                     total += loss.item()
-                torch.nn.utils.clip_grad_norm_(params, max_grad_norm)
+                clip_grad_norm(model, params, max_grad_norm)
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
                 losses.append(total / targets)
@@ -144,24 +147,38 @@ def train(model, params: list[torch.nn.Parameter], examples: list[Example], *, e
 
 
 def cmd_finetune(args) -> int:
-    from gptoss.cli import load_model_from_args
-    from gptoss.lora import add_lora, save_adapter
+    """Under torchrun every rank trains its slices of the model and adapter on every example; rank 0 reports and
+    writes the whole adapter."""
+    from gptoss.cli import _default_device
+    from gptoss.parallel import joined, local_device
 
     examples = load_examples(args.data, args.max_length)  # bad data stops the run before the model loads
     held_out = load_examples(args.eval_data, args.max_length) if args.eval_data else []
-    torch.manual_seed(args.seed)
-    model, _ = load_model_from_args(args)
+    with joined(local_device(args.device or _default_device())) as shard:
+        return _finetune(args, shard, examples, held_out)
+
+
+def _finetune(args, shard, examples: list[Example], held_out: list[Example]) -> int:
+    from gptoss.cli import load_model_from_args
+    from gptoss.lora import add_lora, save_adapter
+
+    torch.manual_seed(args.seed)  # every rank alike: each draws the whole adapter and keeps its slices
+    model, _ = load_model_from_args(args, shard=shard)
     params = add_lora(model, rank=args.rank, alpha=args.alpha, targets=args.targets)
     eval_before = evaluate(model, held_out) if held_out else None
     started = time.perf_counter()
     losses = train(model, params, examples, epochs=args.epochs, lr=args.lr, batch_size=args.batch_size,
-                   seed=args.seed)
+                   seed=args.seed, progress=None if shard.rank == 0 else False)
     seconds = time.perf_counter() - started
     folder = save_adapter(model, args.out)
-    count = sum(p.numel() for p in params)
-    held = (f"; held-out loss {eval_before:.4f} -> {evaluate(model, held_out):.4f} over {len(held_out)} examples"
-            if held_out else "")
-    print(f"gptoss: {len(losses)} steps over {len(examples)} examples in {seconds:.1f} s, "
-          f"loss {losses[0]:.4f} -> {losses[-1]:.4f}{held}; adapter ({count:,} parameters) written to {folder}",
-          file=sys.stderr)
+    eval_after = evaluate(model, held_out) if held_out else None
+    replicated = sum(p.numel() for p in model.lora_replicated)  # held by every rank: counted once
+    sliced = torch.tensor([sum(p.numel() for p in params) - replicated], device=model.device)
+    count = int(shard.sum(sliced)) + replicated
+    if shard.rank == 0:
+        held = (f"; held-out loss {eval_before:.4f} -> {eval_after:.4f} over {len(held_out)} examples"
+                if held_out else "")
+        print(f"gptoss: {len(losses)} steps over {len(examples)} examples in {seconds:.1f} s, "
+              f"loss {losses[0]:.4f} -> {losses[-1]:.4f}{held}; adapter ({count:,} parameters) written to {folder}",
+              file=sys.stderr)
     return 0

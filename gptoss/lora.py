@@ -32,28 +32,28 @@ from torch.nn.utils import parametrize
 
 from gptoss.errors import GptOssError
 from gptoss.experts import DenseExperts
-from gptoss.parallel import held_ranges
+from gptoss.parallel import Shard, held_ranges
 
 TARGETS = ("attention", "experts")
 _WEIGHTS, _CONFIG = "adapter.safetensors", "adapter_config.json"
 
 
-def _factors(num: int | None, out_features: int, in_features: int, rank: int, device) -> tuple[nn.Parameter, ...]:
+def _factors(num: int | None, out_features: int, in_features: int, rank: int, device) -> tuple[torch.Tensor, ...]:
     """(A (.., r, in), B (.., out, r)) float32, B zero; num: a leading expert dimension."""
     lead = () if num is None else (num,)
     a = torch.empty(*lead, rank, in_features, device=device)
     for piece in a.view(-1, rank, in_features):
         nn.init.kaiming_uniform_(piece, a=math.sqrt(5))
-    return nn.Parameter(a), nn.Parameter(torch.zeros(*lead, out_features, rank, device=device))
+    return a, torch.zeros(*lead, out_features, rank, device=device)
 
 
 class LoRADelta(nn.Module):
     """Parametrization of a Linear's weight: W -> W + scale * B A (see _adapted)."""
 
-    def __init__(self, out_features: int, in_features: int, rank: int, alpha: float, device=None):
+    def __init__(self, a: nn.Parameter, b: nn.Parameter, scale: float):
         super().__init__()
-        self.scale = alpha / rank
-        self.lora_a, self.lora_b = _factors(None, out_features, in_features, rank, device)
+        self.scale = scale
+        self.lora_a, self.lora_b = a, b
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return _adapted(weight, self.lora_a, self.lora_b, self.scale)
@@ -62,12 +62,11 @@ class LoRADelta(nn.Module):
 class LoRAExperts(nn.Module):
     """An expert store (gptoss.experts) with a low-rank update per expert: expert(e) = base(e) + scale B_e A_e."""
 
-    def __init__(self, base: nn.Module, num_experts: int, out_features: int, in_features: int, rank: int,
-                 alpha: float, device=None):
+    def __init__(self, base: nn.Module, a: nn.Parameter, b: nn.Parameter, scale: float):
         super().__init__()
         self.base = base
-        self.scale = alpha / rank
-        self.lora_a, self.lora_b = _factors(num_experts, out_features, in_features, rank, device)
+        self.scale = scale
+        self.lora_a, self.lora_b = a, b
 
     def expert(self, e: int, dtype: torch.dtype) -> torch.Tensor:
         return _adapted(self.base.expert(e, dtype), self.lora_a[e], self.lora_b[e], self.scale)
@@ -80,32 +79,85 @@ def _adapted(weight: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: floa
 
 def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list[nn.Parameter]:
     """Freezes the model and adds fresh adapters on `targets` ("attention": qkv and out of every layer; "experts":
-    mlp1 and mlp2 of every expert); returns the trainable parameters (the factors)."""
+    mlp1 and mlp2 of every expert); returns the trainable parameters (the factors).
+    A tensor/expert-parallel shard holds the slices of the whole model's factors that go with its slices of the
+    weights (every rank must call this with the same random state: each draws the whole factors and keeps its
+    slices, so the ranks start from one process's adapter); a factor replicated over the ranks (qkv's A, out's B)
+    gets the ranks' gradients summed."""
     _check_targets(targets)
     if rank < 1:
         raise GptOssError(f"LoRA rank must be at least 1, got {rank}")
-    if model.shard.parallel:
-        raise GptOssError("LoRA fine-tuning runs in one process (world size 1)")
     if model.lora_config is not None:
         raise GptOssError("the model already has a LoRA adapter")
     model.requires_grad_(False)
-    config, device = model.config, model.device
-    for block in model.block:
-        if "attention" in targets:
-            for linear in (block.attn.qkv, block.attn.out):
-                out_f, in_f = linear.weight.shape
-                parametrize.register_parametrization(linear, "weight", LoRADelta(out_f, in_f, rank, alpha, device))
-        if "experts" in targets:
-            mlp, e, h, i = block.mlp, config.num_experts, config.hidden_size, config.intermediate_size
-            mlp.mlp1_weight = LoRAExperts(mlp.mlp1_weight, e, 2 * i, h, rank, alpha, device)
-            mlp.mlp2_weight = LoRAExperts(mlp.mlp2_weight, e, h, i, rank, alpha, device)
+    config, device, scale = model.config, model.device, alpha / rank
+    replicated = []
+    shapes = {"attn.qkv": (None, config.q_dim + 2 * config.kv_dim, config.hidden_size),
+              "attn.out": (None, config.hidden_size, config.q_dim),
+              "mlp.mlp1_weight": (config.num_experts, 2 * config.intermediate_size, config.hidden_size),
+              "mlp.mlp2_weight": (config.num_experts, config.hidden_size, config.intermediate_size)}
+    for i, block in enumerate(model.block):
+        for name, shape in shapes.items():
+            if ("experts" if name.startswith("mlp") else "attention") not in targets:
+                continue
+            whole = _factors(*shape, rank, device)
+            a, b = (nn.Parameter(t) for t in _held_factors(model, f"block.{i}.{name}", *whole))
+            for factor, whole_factor in zip((a, b), whole):
+                if model.shard.parallel and factor.shape == whole_factor.shape:  # replicated over the ranks
+                    factor.register_hook(lambda grad: model.shard.sum(grad.clone()))
+                    replicated.append(factor)
+            module, attr = block.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
+            if name.startswith("attn"):
+                parametrize.register_parametrization(getattr(module, attr), "weight", LoRADelta(a, b, scale))
+            else:
+                setattr(module, attr, LoRAExperts(getattr(module, attr), a, b, scale))
     model.lora_config = {"rank": rank, "alpha": alpha, "targets": list(targets)}
+    model.lora_replicated = replicated
     return [p for name, p in model.named_parameters() if "lora_" in name]
 
 
+def clip_grad_norm(model, params: list[nn.Parameter], max_norm: float) -> None:
+    """torch.nn.utils.clip_grad_norm_ over the whole adapter: in a tensor/expert-parallel group the norm of every
+    rank's slices together, each replicated factor counted once."""
+    if not model.shard.parallel:
+        torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return
+    replicated = {id(p) for p in model.lora_replicated}
+    grads = [(p.grad, id(p) in replicated) for p in params if p.grad is not None]
+    squares = sum(g.float().pow(2).sum() / (model.shard.world_size if rep else 1) for g, rep in grads)
+    total = model.shard.sum(torch.as_tensor(squares, dtype=torch.float32, device=model.device).clone()).sqrt()
+    coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+    for g, _ in grads:
+        g.mul_(coef.to(g.dtype))
+
+
 def adapter_state(model) -> dict[str, torch.Tensor]:
-    """The adapter's factors by the names save_adapter writes (the parametrizations' bookkeeping names dropped)."""
-    return {_public_name(name): p.detach() for name, p in model.named_parameters() if "lora_" in name}
+    """The adapter's factors by the names save_adapter writes (the parametrizations' bookkeeping names dropped): the
+    whole model's, a shard's slices gathered from every rank (so every rank of a group must call it)."""
+    return {_public_name(name): _whole_factor(model, _public_name(name), p.detach())
+            for name, p in model.named_parameters() if "lora_" in name}
+
+
+def _whole_factor(model, name: str, factor: torch.Tensor) -> torch.Tensor:
+    """The whole model's factor `name` ("block.0.attn.qkv.lora_b", ...) from each rank's slices of it (the
+    inverse of _held_factors); the factor itself where it is not split."""
+    module, _, kind = name.rpartition(".")
+    key = module + ".weight"
+    held = held_ranges(key, model.config, model.shard)
+    if held is None:
+        return factor
+    dim = 0 if factor.dim() == 3 else held[0]  # experts: both factors split by expert
+    if factor.dim() == 2 and kind != ("lora_b" if dim == 0 else "lora_a"):
+        return factor  # replicated: the other factor carries the split
+    parts = model.shard.gather(factor)
+    shape = list(factor.shape)
+    shape[dim] = sum(t.shape[dim] for t in parts)
+    whole = factor.new_empty(shape)
+    for rank, part in enumerate(parts):
+        ranges = held_ranges(key, model.config, Shard(rank, model.shard.world_size, model.shard.group))[1]
+        for (start, stop), piece in zip(ranges, part.split([stop - start for start, stop in ranges], dim=dim)):
+            whole.narrow(dim, start, stop - start).copy_(piece)
+    return whole
 
 
 def _public_name(name: str) -> str:
@@ -114,15 +166,18 @@ def _public_name(name: str) -> str:
 
 
 def save_adapter(model, folder: str | os.PathLike) -> Path:
-    """Writes the model's adapter (add_lora) into folder, each file complete or not there (written, then renamed)."""
+    """Writes the model's adapter (add_lora) into folder, each file complete or not there (written, then renamed).
+    A tensor/expert-parallel group writes the whole model's adapter once: every rank calls this, rank 0 writes."""
     from safetensors.torch import save_file
 
     if model.lora_config is None:
         raise GptOssError("the model has no LoRA adapter (add_lora)")
     folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
     config = {**model.lora_config, "model": _shape(model.config)}
     tensors = {name: t.float().contiguous().cpu() for name, t in adapter_state(model).items()}
+    if model.shard.rank != 0:
+        return folder
+    folder.mkdir(parents=True, exist_ok=True)
     for name, write in ((_WEIGHTS, lambda path: save_file(tensors, str(path))),
                         (_CONFIG, lambda path: path.write_text(json.dumps(config, indent=1) + "\n"))):
         partial = folder / (name + ".partial")

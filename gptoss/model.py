@@ -133,7 +133,7 @@ class AttentionBlock(nn.Module):
     def forward(self, x, positions, cos, sin, cache=None):
         """x (N, H) -> the attention's update (N, H); the residual add is the MLP block's (see MLPBlock)."""
         n = x.shape[0]
-        qkv = linear(self.qkv, x, self.norm)  # (N, q_dim + 2 kv_dim): rows q | k | v
+        qkv = linear(self.qkv, self.shard.enter(x), self.norm)  # (N, q_dim + 2 kv_dim): rows q | k | v
         q_dim, kv_dim = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
         v = qkv[:, q_dim + kv_dim :].view(n, self.n_kv_heads, self.head_dim)
         if use_triton(qkv, self.sinks):  # one kernel rotates q and k, and stores k and v where the cache lets it
@@ -194,7 +194,9 @@ class MLPBlock(nn.Module):
         weights, expert_ids = route(self.gate(t), self.experts_per_token)  # (N, K) each
         experts = (self.mlp1_weight, self.mlp1_bias, self.mlp2_weight, self.mlp2_bias, self.swiglu_limit)
         if self.shard.parallel:
-            return self._add_shares(h, moe_partial(t, weights, expert_ids, *experts, first_expert=self.first_expert))
+            partial = moe_partial(self.shard.enter(t), self.shard.enter(weights), expert_ids, *experts,
+                                  first_expert=self.first_expert)
+            return self._add_shares(h, partial)
         return h + moe(t, weights, expert_ids, *experts)
 
     def _add_shares(self, h: torch.Tensor, partial: torch.Tensor) -> torch.Tensor:
@@ -253,6 +255,7 @@ class Transformer(nn.Module):
         # (heads, N, N) a layer in the pure path): training memory of one block at a time
         self.gradient_checkpointing = False
         self.lora_config: dict | None = None  # the adapters gptoss.lora.add_lora put on it
+        self.lora_replicated: list[nn.Parameter] = []  # those of their factors every rank of a shard group holds
 
     @property
     def local_config(self) -> ModelConfig:
@@ -292,7 +295,7 @@ class Transformer(nn.Module):
                 x = block(x, positions, cos, sin, cache)
         if logits_rows is not None:
             x = x[logits_rows]
-        return self.shard.cat_last(linear(self.unembedding, x, self.norm))
+        return self.shard.cat_last(linear(self.unembedding, self.shard.enter(x), self.norm))
 
     def _embed(self, tokens: torch.Tensor) -> torch.Tensor:
         if not self.shard.parallel:

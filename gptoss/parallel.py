@@ -12,7 +12,12 @@ The split, for W ranks (gpt-oss: W in 1, 2, 4, 8):
   every rank gathers the whole logits row, so that all sample the same token;
 - norms: replicated.
 Each rank loads only its slices of the checkpoint (gptoss.checkpoint reads them with safetensors' get_slice).
-Inference only for now: the collectives have no backward (fine-tuning runs in one process).
+
+Training (gptoss.lora on a sharded model): every rank computes the same loss, so the collectives differentiate as
+in Megatron-LM: a sum over the ranks passes its gradient through unchanged (each rank's partial result feeds the
+same total); a replicated tensor that enters a rank's part of the model (`Shard.enter`: the attention's and the
+unembedding's input, the MoE's input and routing weights) gets the sum of the ranks' gradients; a gathered
+tensor gives each rank its own slice of the gradient.
 """
 
 from __future__ import annotations
@@ -56,11 +61,19 @@ class Shard:
 
     def sum(self, x: torch.Tensor) -> torch.Tensor:
         """The elementwise sum of x over the ranks (x itself on one rank); x is a fresh intermediate, summed in
-        place."""
+        place where autograd does not record it."""
         if not self.parallel:
             return x
-        _no_autograd(x)
+        if x.requires_grad:
+            return _SumOverRanks.apply(x, self.group)
         torch.distributed.all_reduce(x, group=self.group)
+        return x
+
+    def enter(self, x: torch.Tensor) -> torch.Tensor:
+        """x, replicated on every rank, as it enters this rank's part of the model: the same tensor, whose gradient
+        (where autograd records it) is the sum of the ranks' gradients."""
+        if self.parallel and x.requires_grad:
+            return _EnterShard.apply(x, self.group)
         return x
 
     def from_first(self, value: int, device: str | torch.device) -> int:
@@ -94,18 +107,60 @@ class Shard:
         """The ranks' x concatenated in rank order along the last dimension."""
         if not self.parallel:
             return x
-        _no_autograd(x)
+        if x.requires_grad:
+            return _GatherLast.apply(x, self)
+        return torch.cat(self.gather(x), dim=-1)
+
+    def gather(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Every rank's x (same shape on all), in rank order."""
+        if not self.parallel:
+            return [x]
         parts = [torch.empty_like(x) for _ in range(self.world_size)]
         torch.distributed.all_gather(parts, x.contiguous(), group=self.group)
-        return torch.cat(parts, dim=-1)
+        return parts
 
 
-def _no_autograd(x: torch.Tensor) -> None:
-    """The collectives here have no backward (a row-parallel sum's gradient is not the sum's own): training through
-    a sharded model would get wrong gradients silently, so it stops instead."""
-    if x.requires_grad:
-        raise NotImplementedError("gradients through a tensor/expert-parallel model are not implemented; "
-                                  "fine-tune in one process (world size 1) or under torch.no_grad()")
+class _SumOverRanks(torch.autograd.Function):
+    """The ranks' partial results summed; its gradient passes to each partial unchanged (every rank computes the
+    same loss from the same sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        x = x.clone()
+        torch.distributed.all_reduce(x, group=group)
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+class _EnterShard(torch.autograd.Function):
+    """A replicated tensor entering a rank's part of the model: itself; its gradient the ranks' gradients summed."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+class _GatherLast(torch.autograd.Function):
+    """The ranks' x concatenated along the last dimension; the gradient of this rank's x is its own slice."""
+
+    @staticmethod
+    def forward(ctx, x, shard):
+        ctx.start, ctx.width = shard.rank * x.shape[-1], x.shape[-1]
+        return torch.cat(shard.gather(x), dim=-1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.narrow(-1, ctx.start, ctx.width).contiguous(), None
 
 
 SINGLE = Shard()
