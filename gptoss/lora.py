@@ -100,11 +100,10 @@ def add_lora(model, rank: int = 8, alpha: float = 16.0, targets=TARGETS) -> list
         for name, shape in shapes.items():
             if ("experts" if name.startswith("mlp") else "attention") not in targets:
                 continue
-            whole = _factors(*shape, rank, device)
-            a, b = (nn.Parameter(t) for t in _held_factors(model, f"block.{i}.{name}", *whole))
-            for factor, whole_factor in zip((a, b), whole):
-                if model.shard.parallel and factor.shape == whole_factor.shape:  # replicated over the ranks
-                    factor.register_hook(lambda grad: model.shard.sum(grad.clone()))
+            a, b = (nn.Parameter(t) for t in _held_factors(model, f"block.{i}.{name}", *_factors(*shape, rank, device)))
+            for factor, kind in ((a, "lora_a"), (b, "lora_b")):
+                if model.shard.parallel and _factor_split(f"block.{i}.{name}.{kind}", factor.dim(), model) is None:
+                    factor.register_hook(lambda grad: model.shard.sum(grad.clone()))  # replicated over the ranks
                     replicated.append(factor)
             module, attr = block.get_submodule(name.rpartition(".")[0]), name.rpartition(".")[2]
             if name.startswith("attn"):
@@ -141,23 +140,35 @@ def adapter_state(model) -> dict[str, torch.Tensor]:
 def _whole_factor(model, name: str, factor: torch.Tensor) -> torch.Tensor:
     """The whole model's factor `name` ("block.0.attn.qkv.lora_b", ...) from each rank's slices of it (the
     inverse of _held_factors); the factor itself where it is not split."""
-    module, _, kind = name.rpartition(".")
-    key = module + ".weight"
-    held = held_ranges(key, model.config, model.shard)
-    if held is None:
+    split = _factor_split(name, factor.dim(), model)
+    if split is None:
         return factor
-    dim = 0 if factor.dim() == 3 else held[0]  # experts: both factors split by expert
-    if factor.dim() == 2 and kind != ("lora_b" if dim == 0 else "lora_a"):
-        return factor  # replicated: the other factor carries the split
+    dim = split[0]
     parts = model.shard.gather(factor)
     shape = list(factor.shape)
     shape[dim] = sum(t.shape[dim] for t in parts)
     whole = factor.new_empty(shape)
     for rank, part in enumerate(parts):
-        ranges = held_ranges(key, model.config, Shard(rank, model.shard.world_size, model.shard.group))[1]
+        ranges = _factor_split(name, factor.dim(), model, Shard(rank, model.shard.world_size, model.shard.group))[1]
         for (start, stop), piece in zip(ranges, part.split([stop - start for start, stop in ranges], dim=dim)):
             whole.narrow(dim, start, stop - start).copy_(piece)
     return whole
+
+
+def _factor_split(name: str, ndim: int, model, shard: Shard | None = None) -> tuple[int, list] | None:
+    """(dim, ranges): the indices along dim of the whole factor `name` ("block.0.attn.qkv.lora_b", ...; ndim 3 for
+    an expert store's) that a rank (`shard`, by default the model's) holds, as gptoss.parallel splits the weight it
+    updates: B's rows where it splits the weight's rows, A's columns where it splits its columns, both factors'
+    experts for an expert store. None where the rank holds the factor whole: in one process, and where the other
+    factor carries the split (qkv's A, out's B, replicated over the ranks)."""
+    module, _, kind = name.rpartition(".")
+    held = held_ranges(module + ".weight", model.config, shard or model.shard)
+    if held is None:
+        return None
+    dim, ranges = held
+    if ndim == 3:
+        return 0, ranges
+    return (dim, ranges) if kind == ("lora_b" if dim == 0 else "lora_a") else None
 
 
 def _public_name(name: str) -> str:
@@ -227,23 +238,17 @@ def _pairs(factors: dict, path) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
 
 
 def _held_factors(model, module_name: str, a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The factors of this rank's slices of the update B A to a module's weight, as gptoss.parallel splits that
-    weight: B's rows where it splits the weight's rows, A's columns where it splits its columns, both factors'
-    experts for an expert store; whole factors in one process or for a replicated weight. Factors too small to
-    slice are left as they are (the shape check names them)."""
-    held = held_ranges(module_name + ".weight", model.config, model.shard)
-    if held is None:
-        return a, b
-    dim, ranges = held
+    """This rank's slices (see _factor_split) of the whole factors A and B of the update B A to a module's weight.
+    Factors too small to slice are left as they are (the shape check names them)."""
 
-    def take(t: torch.Tensor, d: int) -> torch.Tensor:
-        if max(stop for _, stop in ranges) > t.shape[d]:
+    def held(t: torch.Tensor, kind: str) -> torch.Tensor:
+        split = _factor_split(f"{module_name}.{kind}", t.dim(), model)
+        if split is None or max(stop for _, stop in split[1]) > t.shape[split[0]]:
             return t
-        return torch.cat([t.narrow(d, start, stop - start) for start, stop in ranges], dim=d)
+        dim, ranges = split
+        return torch.cat([t.narrow(dim, start, stop - start) for start, stop in ranges], dim=dim)
 
-    if a.dim() == 3:  # experts: A (E, r, in), B (E, out, r)
-        return take(a, 0), take(b, 0)
-    return (a, take(b, 0)) if dim == 0 else (take(a, 1), b)
+    return held(a, "lora_a"), held(b, "lora_b")
 
 
 def _target(model, module_name: str, a: torch.Tensor, b: torch.Tensor, path) -> nn.Module:

@@ -276,12 +276,16 @@ if HAS_TRITON:
         return tl.sum(acc, axis=1)
 
     @triton.jit
-    def _first_of_expert(ids_ptr, i, M, MP: tl.constexpr):
-        """(pair i is NOT the first pair routed to its expert, that expert). ids: (M,) flat expert ids."""
+    def _first_of_expert(ids_ptr, i, M, E, MP: tl.constexpr, SHARD: tl.constexpr):
+        """(whether pair i's programs skip: it is NOT the first pair routed to its expert, or, in an expert shard's
+        call, its expert is another rank's (id E); that expert). ids: (M,) flat expert ids."""
         e = tl.load(ids_ptr + i)
         j = tl.arange(0, MP)
         ids = tl.load(ids_ptr + j, mask=j < M, other=-1)
-        return tl.sum(((ids == e) & (j < i)).to(tl.int32), axis=0) > 0, e
+        skip = tl.sum(((ids == e) & (j < i)).to(tl.int32), axis=0) > 0
+        if SHARD:
+            skip = skip | (e >= E)
+        return skip, e
 
     @triton.jit
     def _mlp1_swiglu_gemv_kernel(
@@ -308,9 +312,7 @@ if HAS_TRITON:
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
-        skip, e = _first_of_expert(ids_ptr, i, M, MP)
-        if SHARD:  # an expert shard's call: its other ranks' pairs carry expert id E
-            skip = skip | (e >= E)
+        skip, e = _first_of_expert(ids_ptr, i, M, E, MP, SHARD)
         if skip:
             return
         R: tl.constexpr = 2 * BLOCK_U
@@ -349,9 +351,7 @@ if HAS_TRITON:
         i = tl.program_id(0)
         j = tl.program_id(1)
         wait_for_prior_kernel(PDL)
-        skip, e = _first_of_expert(ids_ptr, i, M, MP)
-        if SHARD:
-            skip = skip | (e >= E)
+        skip, e = _first_of_expert(ids_ptr, i, M, E, MP, SHARD)
         if skip:
             return
         hs = j * BLOCK_H + tl.arange(0, BLOCK_H)  # (BH,) output features
