@@ -2,8 +2,19 @@
 
 from gptoss.config import ModelConfig, preset
 from gptoss.errors import CheckpointError, ConfigError, ContextLengthError, GptOssError
-from gptoss.generate import TokenGenerator
-from gptoss.model import Transformer
+
+_TORCH_EXPORTS = {"TokenGenerator": "gptoss.generate", "Transformer": "gptoss.model"}
+
+
+def __getattr__(name: str):
+    """The model and generator import torch (seconds); imported on first use, so that `gptoss --help` and the
+    command's argument errors answer at once."""
+    if name in _TORCH_EXPORTS:
+        import importlib
+
+        return getattr(importlib.import_module(_TORCH_EXPORTS[name]), name)
+    raise AttributeError(f"module 'gptoss' has no attribute {name!r}")
+
 
 __all__ = [
     "CheckpointError",

@@ -93,3 +93,13 @@ def test_engine_limits_must_be_positive(command, option, value):
 def test_serve_port_out_of_range(port):
     result = gptoss("serve", "--port", port)
     assert result.returncode == 2 and f"expected a port number 0-65535, got '{port}'" in result.stderr
+
+
+def test_argument_errors_answer_before_torch_loads():
+    """`gptoss --help` and argument errors need no torch (seconds to import): the package imports the model
+    classes on first use."""
+    probe = ("import sys, gptoss, gptoss.cli; from gptoss import GptOssError; "
+             "assert 'torch' not in sys.modules, 'torch imported'; "
+             "from gptoss import Transformer; assert 'torch' in sys.modules")
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
