@@ -111,9 +111,10 @@ interp_only = pytest.mark.skipif(not INTERPRET, reason="the interpreter runs the
 
 
 @interp_only
-@pytest.mark.parametrize("N", [1, 3, 8])
-def test_interpret_gemv(N):
-    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv", config={"BLOCK_U": 8, "BLOCK_H": 16, "BLOCK_K": 32})
+@pytest.mark.parametrize("N, block", [(1, 8), (3, 8), (8, 32)])  # 8 tokens (DECODE_MAX_TOKENS): 2 row blocks
+def test_interpret_gemv(N, block):
+    check(N, E=8, H=64, I=64, K=4, device="cpu", path="gemv",
+          config={"BLOCK_U": block, "BLOCK_H": max(block, 16), "BLOCK_K": 32})
 
 
 @interp_only

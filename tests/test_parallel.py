@@ -20,6 +20,23 @@ from gptoss.lora import add_lora, load_adapter, save_adapter
 from gptoss.model import Transformer
 from gptoss.parallel import Shard, held_ranges
 
+# The ranks fork from a server process that has imported torch and gptoss once; spawned afresh, each rank would
+# import them again (~3 s of CPU a rank).
+mp.set_forkserver_preload(["test_parallel"])
+
+
+def run_ranks(fn, world_size: int, *args) -> None:
+    """fn(rank, world_size, *args) in world_size processes; raises if one fails."""
+    mp.start_processes(_one_thread, args=(fn, world_size, *args), nprocs=world_size, start_method="forkserver")
+
+
+def _one_thread(rank: int, fn, *args) -> None:
+    """A rank computes on one thread: the ranks outnumber the CPU's cores, and each waits for the slowest at
+    every collective."""
+    torch.set_num_threads(1)
+    fn(rank, *args)
+
+
 # 4 KV heads so that 4 ranks can split them (SMALL has 2)
 WIDE = dataclasses.replace(SMALL, num_attention_heads=8, num_key_value_heads=4)
 LAYOUTS = {"original": ("original", "mxfp4", False), "hf-mxfp4": ("hf", "mxfp4", False),
@@ -114,7 +131,7 @@ def run_rank(rank, world_size, folder, store, results):
 @pytest.mark.parametrize("world_size", [2, 4])
 def test_ranks_compute_what_one_process_does(wide_checkpoints, world_size, tmp_path):
     folder = wide_checkpoints[("original", "mxfp4")]
-    mp.spawn(run_rank, args=(world_size, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=world_size)
+    run_ranks(run_rank, world_size, str(folder), tmp_path / "store", str(tmp_path / "out"))
     model = load_model(folder, dtype=torch.float32)
     tokens = torch.randint(0, WIDE.vocab_size, (70,), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -202,7 +219,7 @@ def test_fast_path_on_shards_computes_what_one_process_does(tmp_path):
     pytest.importorskip("triton")
     two_layers = dataclasses.replace(WIDE, num_hidden_layers=2)  # a sliding-window layer and a full layer
     folder = write_checkpoint(tmp_path / "ckpt", two_layers, "original", seed=6)
-    mp.spawn(run_fast_path_rank, args=(2, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=2)
+    run_ranks(run_fast_path_rank, 2, str(folder), tmp_path / "store", str(tmp_path / "out"))
     model = load_model(folder, dtype=torch.float32)
     tokens = fast_path_tokens()
     with torch.no_grad():
@@ -253,7 +270,7 @@ def engine_outputs(model) -> list[list[int]] | None:
 
 def test_engine_ranks_serve_what_one_process_serves(wide_checkpoints, tmp_path):
     folder = wide_checkpoints[("original", "mxfp4")]
-    mp.spawn(run_engine_rank, args=(2, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=2)
+    run_ranks(run_engine_rank, 2, str(folder), tmp_path / "store", str(tmp_path / "out"))
     expected = engine_outputs(load_model(folder, dtype=torch.float32))
     assert torch.load(tmp_path / "out.0") == expected and torch.load(tmp_path / "out.1") is None
 
@@ -315,7 +332,7 @@ def test_ranks_train_what_one_process_trains(wide_checkpoints, tmp_path):
     from safetensors.torch import load_file
 
     folder = wide_checkpoints[("original", "mxfp4")]
-    mp.spawn(run_training_rank, args=(2, str(folder), tmp_path / "store", str(tmp_path / "out")), nprocs=2)
+    run_ranks(run_training_rank, 2, str(folder), tmp_path / "store", str(tmp_path / "out"))
     expected = training_run(load_model(folder, dtype=torch.float32), tmp_path / "alone")
     for rank in range(2):
         assert torch.load(tmp_path / f"out.{rank}") == pytest.approx(expected, rel=1e-5)

@@ -26,6 +26,13 @@ def _exponential(bits):
 
 
 @triton.jit
+def _keyed_noise(seed, draw, cols):
+    """-log E for E ~ Exp(1) keyed by (seed, draw, token id): Philox with the seed as key and (token id, draw) as
+    its counter, so a row's noise depends on nothing else in the batch."""
+    return -tl.log(_exponential(tl.randint(seed, (draw.to(tl.int64) << 32) + cols)))
+
+
+@triton.jit
 def _winner(scores, ids, V):
     """The best of scores and the lowest of the ids that reach it."""
     top = tl.max(scores, 0)
@@ -44,15 +51,15 @@ def _race_kernel(Logits, InvTemperature, Floors, Seeds, Draws, Out, Scores, Ids,
     scale = tl.where(greedy, 1.0, inv_temperature)  # a greedy row races its plain logits, noise-free
     floor = tl.load(Floors + row) if FLOORS else float("-inf")
     seed = tl.load(Seeds + row)
-    counter_hi = tl.load(Draws + row).to(tl.int64) << 32  # Philox counter: (token id, draw)
+    draw = tl.load(Draws + row)
     best = tl.full([BLOCK], float("-inf"), tl.float32)
     best_id = tl.zeros([BLOCK], tl.int32)
     for step in range(0, CHUNK, BLOCK):
         cols = c * CHUNK + step + tl.arange(0, BLOCK)
         logit = tl.load(Logits + row.to(tl.int64) * stride + cols, mask=cols < V, other=float("-inf"))
-        e = _exponential(tl.randint(seed, counter_hi + cols))
         scaled = logit.to(tl.float32) * scale
-        score = tl.where(greedy, scaled, tl.where(scaled >= floor, scaled - tl.log(e), float("-inf")))
+        score = tl.where(greedy, scaled, tl.where(scaled >= floor, scaled + _keyed_noise(seed, draw, cols),
+                                                  float("-inf")))
         better = score > best  # strict: the lowest id among equal scores stays
         best = tl.where(better, score, best)
         best_id = tl.where(better, cols, best_id)
