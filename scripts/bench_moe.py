@@ -17,11 +17,13 @@ import time
 import traceback
 
 import torch
+import triton
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from gptoss.experts import MXFP4Experts
 from gptoss.kernels.moe import moe, route
+from gptoss.kernels import moe_gemm_triton, moe_gemv
 from gptoss.kernels import moe_triton as mt
 
 
@@ -95,9 +97,8 @@ def rel(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
-def tuning_table(name):
-    """the autotuner's per-config kernel times (ms) for its last key, best first"""
-    k = mt._TUNED.get(name)
+def tuning_table(k):
+    """autotuner k's per-config kernel times (ms) for its last key, best first"""
     timings = getattr(k, "configs_timings", None) or {}
     rows = []
     for cfg, t in timings.items():
@@ -134,9 +135,9 @@ def precompile(workers):
 
     tasks = []
     for E, H, I in [(32, 2880, 2880), (8, 256, 128)]:
-        for c in mt._gemv_configs("BLOCK_H", False):
+        for c in moe_gemv._gemv_configs("BLOCK_H", False):
             tasks.append((E, H, I, 1, "gemv", dict(c.kwargs, BLOCK_U=c.kwargs["BLOCK_H"] // 2, num_warps=c.num_warps)))
-        c1s, c2s = mt._dot_configs(True), mt._dot_configs(False)
+        c1s, c2s = moe_gemm_triton._dot_configs(True), moe_gemm_triton._dot_configs(False)
         for c in c1s + c2s:  # a fixed config runs both GEMM kernels with it
             tasks.append((E, H, I, 128, "gemm", dict(c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)))
     t0 = time.time()
@@ -157,7 +158,7 @@ def main():
     dev = "cuda"
     E, H, I, K = 32, 2880, 2880, 4
     torch.manual_seed(0)
-    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {mt.triton.__version__}")
+    log(f"device: {torch.cuda.get_device_name()}  torch {torch.__version__}  triton {triton.__version__}")
     if args.precompile:
         precompile(args.precompile)
 
@@ -175,7 +176,7 @@ def main():
     gemv_variants = [("auto", {})] + [
         (f"U{c.kwargs['BLOCK_H'] // 2} H{c.kwargs['BLOCK_H']} K{c.kwargs['BLOCK_K']} w{c.num_warps}",
          dict(config=dict(c.kwargs, BLOCK_U=c.kwargs["BLOCK_H"] // 2, num_warps=c.num_warps)))
-        for c in mt._gemv_configs("BLOCK_H", False)]
+        for c in moe_gemv._gemv_configs("BLOCK_H", False)]
     for N in ([1] if args.quick else [1, 4, 8]):
         xs = [tokens(N, E, H, K, dev) for _ in layers]
         nbytes = [expert_bytes(ids, E, H, I) for (_, _, ids) in xs]
@@ -232,8 +233,9 @@ def main():
                 summary.append((f"decode N={N}", variant, "FAILED"))
         if N == 1:
             for name in ("mlp1_gemv", "mlp2_gemv"):
-                log(f"autotuned {name}: {getattr(mt._TUNED.get(name), 'best_config', None)}")
-                for t, cfg in tuning_table(name):
+                tuner = moe_gemv._TUNED.get(name)
+                log(f"autotuned {name}: {getattr(tuner, 'best_config', None)}")
+                for t, cfg in tuning_table(tuner):
                     log(f"      {t * 1e3:8.1f} us  {cfg}")
         try:
             state = {"i": 0}
@@ -279,9 +281,10 @@ def main():
                 log(f"prefill N={N} {variant} FAILED")
                 traceback.print_exc(file=sys.stdout)
                 summary.append((f"prefill N={N}", variant, "FAILED"))
-        for name in ("mlp1_dot", "mlp2_dot"):
-            log(f"autotuned {name} (N={N}): {getattr(mt._TUNED.get(name), 'best_config', None)}")
-            for t, cfg in tuning_table(name):
+        for name in ("mlp1_bf16", "mlp2_bf16"):  # the Triton GEMM's tuners for bf16 activations
+            tuner = moe_gemm_triton._TUNED.get(name)
+            log(f"autotuned {name} (N={N}): {getattr(tuner, 'best_config', None)}")
+            for t, cfg in tuning_table(tuner):
                 log(f"      {t * 1e3:9.1f} us  {cfg}")
         if N == 1024:
             ref_ms = bench(lambda: moe(x, w, ids, m1, b1, m2, b2, 7.0), iters=3, warmup=1)

@@ -32,8 +32,8 @@ from gptoss.kernels.moe import route
 
 def jit_functions():
     """Every JITFunction reachable from the globals of gptoss.kernels' modules: directly, through an autotuner, or
-    in a dict of lazily built autotuners (moe_triton's). Modules whose kernels serve sm_90 only (HOPPER_ONLY:
-    moe_wgmma; other GPUs run moe_triton's GEMM in their place) are left out."""
+    in a dict of lazily built autotuners (moe_gemv's, moe_gemm_triton's). Modules whose kernels serve sm_90 only
+    (HOPPER_ONLY: moe_wgmma; other GPUs run the Triton GEMM in their place) are left out."""
     modules = [importlib.import_module(f"gptoss.kernels.{m.name}")
                for m in pkgutil.iter_modules(gptoss.kernels.__path__)]
     modules = [m for m in modules if not getattr(m, "HOPPER_ONLY", False)]

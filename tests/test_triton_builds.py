@@ -58,7 +58,8 @@ def record(path: str) -> None:
     from conftest import SMALL, random_model
     from gptoss.cuda_cache import DecodeStep, TritonKVCache, TritonPagedKVCache
     from gptoss.kernels.attention_triton import decode_attention
-    from gptoss.kernels.moe_triton import GROUP_ONEHOT, group_pairs, moe_triton_from_stores
+    from gptoss.kernels.moe_grouping import GROUP_ONEHOT, group_pairs
+    from gptoss.kernels.moe_triton import moe_triton_from_stores
     from gptoss.kernels.sample_triton import exponential_race
 
     config = type(SMALL)(**{**SMALL.__dict__, "num_hidden_layers": 2})

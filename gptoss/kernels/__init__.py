@@ -44,6 +44,18 @@ def cuda_arch(x: torch.Tensor) -> int:
     return 10 * major + minor
 
 
+# Set by the kernel tests: intermediate buffers then start as NaN, so an element a kernel fails to write poisons
+# its output.
+POISON_SCRATCH = False
+
+
+def scratch(shape, dtype, device) -> torch.Tensor:
+    """An intermediate buffer that the kernels write in full before reading it (NaN-filled under POISON_SCRATCH)."""
+    if POISON_SCRATCH:
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
 def use_reference() -> bool:
     return os.environ.get("GPTOSS_KERNELS", "auto") == "reference"
 

@@ -1,7 +1,7 @@
 """The MoE grouped GEMM for long prefills: a layer's experts dequantized to bf16, then torch's grouped GEMM.
 
 Above a few thousand tokens every expert holds hundreds of rows and the GEMM is bound by its MMAs, where the
-in-register FP4 decode of `moe_triton`'s GEMM (~290 TFLOP/s at 8k tokens on an H100) competes with them. Here a
+in-register FP4 decode of the Triton GEMM (~290 TFLOP/s at 8k tokens on an H100) competes with them. Here a
 small kernel first writes the layer's expert matrices as bf16 (exact: every FP4 value times its power-of-two scale
 is a bf16 value), and `torch.nn.functional.grouped_mm` (CUTLASS grouped GEMM on sm_90) multiplies each expert's
 sorted rows by them. The bias rides in the GEMM: the matrices get one more input column holding the bias (the
@@ -20,7 +20,7 @@ CHUNK_ROWS sorted rows with one dequantized copy). Around the GEMMs, one kernel 
 into the augmented matrix and records where each pair's row went, the SwiGLU reads each unit's gate and linear
 values as one contiguous pair, and the combine reads the outputs by sorted row (no copy back into pair order).
 Measured on an H100 (20b shapes, 4 pairs a token, a layer call, CUDA-graph timed as `scripts/moe_crossover.py`
-times it) against `moe_triton`'s autotuned GEMM, us: 2,048 tokens 1,942 vs 1,603; 3,072: 2,345 vs 2,339; 4,096:
+times it) against the Triton GEMM (autotuned), us: 2,048 tokens 1,942 vs 1,603; 3,072: 2,345 vs 2,339; 4,096:
 2,742 vs 3,056; 8,192: 4,237 vs 5,638. At 8,192 tokens the kernels of a call take 3,910 us (`python
 scripts/profile_moe_layer.py gemm_dense 8192`): the CUTLASS GEMMs 2,460, dequantizing 853 (~790 with the tiles
 below), SwiGLU 329, gathering the rows 111, combining 96. `moe_triton` runs this path where `dense_gemm_pays`.
@@ -39,7 +39,7 @@ try:
     import triton
     import triton.language as tl
 
-    from gptoss.kernels.moe_triton import _denorm_default, _fp4_unscaled, _scale_value, _swiglu
+    from gptoss.kernels.moe_elementwise import denorm_default, fp4_unscaled, scale_value, swiglu_rounded
 
     HAS_TRITON = True
 except ImportError:  # pragma: no cover - the package works without Triton (pure path)
@@ -86,8 +86,8 @@ if HAS_TRITON:
         b = tl.arange(0, 16)
         packed = tl.load(blocks_ptr + (rows[:, None, None] * G + g[None, :, None]) * 16 + b[None, None, :],
                          mask=gm[None, :, None], other=0)  # (ROWS, GROUPS, 16)
-        scale = _scale_value(tl.load(scales_ptr + rows[:, None] * G + g[None, :], mask=gm[None, :], other=0))
-        lo, hi = _fp4_unscaled(packed, DENORM)
+        scale = scale_value(tl.load(scales_ptr + rows[:, None] * G + g[None, :], mask=gm[None, :], other=0))
+        lo, hi = fp4_unscaled(packed, DENORM)
         # element 2b is byte b's low nibble, 2b + 1 its high one: (ROWS, GROUPS, 16, 2) -> (ROWS, GROUPS * 32)
         w = tl.reshape(tl.join(lo, hi) * scale[:, :, None, None], (ROWS, GROUPS * 32))
         cols = tl.program_id(1) * GROUPS * 32 + tl.arange(0, GROUPS * 32)
@@ -122,7 +122,7 @@ if HAS_TRITON:
         pair = tl.load(h_ptr + m * (2 * I) + 2 * u[:, None] + tl.arange(0, 2)[None, :], mask=um[:, None],
                        other=0.0).to(tl.float32)
         glu, lin = tl.split(pair)
-        out = tl.where(um, _swiglu(glu, lin, limit, tl.bfloat16), tl.where(u == I, 1.0, 0.0))
+        out = tl.where(um, swiglu_rounded(glu, lin, limit, tl.bfloat16), tl.where(u == I, 1.0, 0.0))
         tl.store(act_ptr + m * IP + u, out.to(tl.bfloat16), mask=u < IP)
 
 
@@ -139,7 +139,7 @@ def dequantize_augmented(blocks: torch.Tensor, scales: torch.Tensor, bias: torch
     rows, groups = (4, 4) if triton_interpreting() else (4, 32)
     assert (E * R) % rows == 0, "rows a program must divide the matrices' rows"
     _dequantize_kernel[((E * R) // rows, triton.cdiv(G, groups))](
-        blocks, scales, bias, out, K=K, KP=KP, ROWS=rows, GROUPS=groups, DENORM=_denorm_default(), num_warps=4)
+        blocks, scales, bias, out, K=K, KP=KP, ROWS=rows, GROUPS=groups, DENORM=denorm_default(), num_warps=4)
     return out
 
 

@@ -1,9 +1,9 @@
 """The MoE grouped GEMM on the tensor cores with the FP4 decode in the MMA's own register layout (Gluon, mma.sync).
 
-`moe_triton`'s grouped GEMM leaves the FP4 decode to Triton (a float32 decode, or `tl.dot_scaled`), whose result
-moves through shared memory into the MMA's operand layout. Here the product is computed as W @ x^T (weight rows are
-the MMA's M, tokens its N) and each lane decodes exactly the weights its A fragment holds, from the bytes as the
-checkpoint stores them:
+The Triton grouped GEMM (`moe_gemm_triton`) leaves the FP4 decode to Triton (a float32 decode, or
+`tl.dot_scaled`), whose result moves through shared memory into the MMA's operand layout. Here the product is
+computed as W @ x^T (weight rows are the MMA's M, tokens its N) and each lane decodes exactly the weights its A
+fragment holds, from the bytes as the checkpoint stores them:
 
   * The input dimension is walked in steps of 4 blocks of 32 inputs. Lane (g, t) of a warp loads block 4q + t
     of rows g and g + 8 of each of its 16-row tiles, 16 bytes each in one load; MMA pair p (k = 32) takes word p
@@ -13,7 +13,7 @@ checkpoint stores them:
     are moved into a bf16 as sign | exponent field e | mantissa top bit m, which is the FP4 value times 2^-126
     (code 1 = 0.5 lands on the bf16 subnormal 2^-127); one bf16x2 multiply by 2^(s - 1) = 2^126 * 2^(s - 127)
     applies the block scale too. Exact: every product is a bf16 value (scale bytes up to MAX_SCALE_BYTE; `moe_triton`
-    checks each scale tensor once and keeps its own GEMM for any other).
+    checks each scale tensor once and keeps the Triton GEMM for any other).
   * The decode pairs bytes (0, 2) and (1, 3) of the word, so a lane's 8 inputs come out in the order
     0, 4, 2, 6, 1, 5, 3, 7; the activations of the same 8 inputs, read as 8 consecutive bf16 a lane, are
     permuted in registers to that order (a few byte permutes, shared by all of the warp's row tiles). The MMA sums
@@ -22,15 +22,15 @@ checkpoint stores them:
     `cp.async`, two steps ahead (four buffers), and every warp reads its MMA operands from there; the packed
     weights go straight to registers, one step ahead, with an L2 prefetch hint two steps before that (at every
     other step: a 128-byte line holds two steps of a row).
-  * Products and sums are fp32 in the tensor cores; the output is rounded as `moe_triton`'s GEMM rounds it.
+  * Products and sums are fp32 in the tensor cores; the output is rounded as the Triton GEMM rounds it.
 
-Grid, tiles and outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, each program one block
-of weight rows times one tile of an expert's sorted rows), so `moe_triton` calls these kernels in place of its own.
+Grid, tiles and outputs are those of the Triton grouped GEMM (pairs sorted by expert, each program one block of
+weight rows times one tile of an expert's sorted rows), so `moe_triton` calls these kernels in its place.
 mlp1's tiles take the gate rows 2u in their first 8 rows of each 16 and the linear rows 2u + 1 in the next 8, so a
 lane holds both halves of a SwiGLU unit.
 
 Measured on the H200 (20b shapes, a layer call, CUDA-graph timed): faster than the CUDA-core GEMV from 2 tokens
-(71.4 vs 77.0 us, scripts/moe_crossover.py) and than `moe_triton`'s autotuned GEMM up to 512 tokens. Fixed tiles
+(71.4 vs 77.0 us, scripts/moe_crossover.py) and than the Triton GEMM (autotuned) up to 512 tokens. Fixed tiles
 (R rows, T tokens, warps; timed as `scripts/moe_tiles.py --kernel mma` times them) against that GEMM: 64 tokens
 201.2 us (128, 16, 4) vs 259.9; 256: 361.8 (128, 32, 4) vs 438.6; 512: 609.7 (128, 32, 4) vs 653.9; 1024: 1032.4
 (128, 64, 4) vs 1017.2. The form before, each warp loading the activations itself through L1, took 203.2, 424.0
@@ -38,7 +38,7 @@ and 1444.7 us with the same tiles at 64, 256 and 1024 tokens. So `moe_triton` ru
 decode, short prefills).
 
 Needs Gluon (`triton.experimental.gluon`, Triton 3.6's API) and sm_80+; `mma_gemm_available` says whether this
-path serves, and `moe_triton` falls back to its Triton GEMM otherwise.
+path serves, and `moe_triton` falls back to the Triton GEMM otherwise.
 """
 
 from __future__ import annotations
@@ -47,7 +47,7 @@ import os
 
 import torch
 
-from gptoss.kernels import cuda_capability
+from gptoss.kernels import cuda_capability, scratch
 
 try:  # Gluon's API is experimental: any mismatch disables this path, never the package
     import triton
@@ -55,7 +55,7 @@ try:  # Gluon's API is experimental: any mismatch disables this path, never the 
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.ampere import async_copy, mma_v2
 
-    from gptoss.kernels.moe_triton import _swiglu
+    from gptoss.kernels.moe_elementwise import swiglu_rounded
 
     # names that changed after Triton 3.6 (the GPU machine's): the CTA barrier (barrier) and cp.async (async_load)
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier
@@ -160,7 +160,7 @@ if HAS_GLUON:
     @gluon.jit
     def _tile(seg_ptr, t, E, EP: gl.constexpr, BM: gl.constexpr):
         """-> (expert or >= E if tile t is unused, first sorted row, end sorted row) of row tile t, as
-        `moe_triton._tile` numbers them: each expert's rows split into BM-row tiles, expert by expert."""
+        `moe_gemm_triton._tile` numbers them: each expert's rows split into BM-row tiles, expert by expert."""
         lay: gl.constexpr = gl.BlockedLayout([1], [32], [gl.num_warps()], [0])
         ei = gl.arange(0, EP, layout=lay)
         em = ei < E
@@ -412,7 +412,7 @@ if HAS_GLUON:
         h = acc + bias.to(gl.float32)[:, None]
         # (R, T) = (R/16 tiles, 2 gate|linear, 8, T) -> (R/16, 8, T, 2): a unit's two rows in one lane
         glu, lin = gl.split(gl.permute(gl.reshape(h, [R // 16, 2, 8, T]), [0, 2, 3, 1]))
-        out = _swiglu(gl.reshape(glu, [R // 2, T]), gl.reshape(lin, [R // 2, T]), limit, gl.bfloat16)
+        out = swiglu_rounded(gl.reshape(glu, [R // 2, T]), gl.reshape(lin, [R // 2, T]), limit, gl.bfloat16)
         st: gl.constexpr = gl.BlockedLayout([1, 8], [32 // (R // 16), R // 16], [NW, 1], [1, 0])
         out = gl.convert_layout(gl.permute(out, [1, 0]), st)  # (T, R/2), units contiguous
         ts = start + gl.arange(0, T, layout=gl.SliceLayout(1, st))
@@ -490,14 +490,13 @@ def mlp_mma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_bl
     """Both expert matmuls of the MoE for pairs sorted by expert: x (N, H) bf16, order (M,) int32 sorted row -> pair,
     seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16, each pair's expert output with its bias
     (`moe_triton`'s grouped-GEMM contract). config: {"R", "T", "num_warps"} instead of autotuning."""
-    from gptoss.kernels import moe_triton  # its buffer allocator (tests poison the buffers through it)
 
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
     M = order.numel()
-    act = moe_triton._empty((M, I), torch.bfloat16, x.device)
-    y = moe_triton._empty((M, H), torch.bfloat16, x.device)
+    act = scratch((M, I), torch.bfloat16, x.device)
+    y = scratch((M, H), torch.bfloat16, x.device)
     EP = triton.next_power_of_2(E)
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing

@@ -30,13 +30,13 @@ weight rows are the MMA's M (64 a warpgroup), its tokens the MMA's N (T a tile),
 
 Grid: (row tile, block of weight rows), tiles fastest: the CTAs in flight share one block of an expert's weights
 through L2, each with one of its token tiles, so each weight byte comes from memory about once per call. Tiles and
-outputs are those of `moe_triton`'s grouped GEMM (pairs sorted by expert, `_tile` numbering), so `moe_triton` calls
-these kernels in its place. Numerics: exact bf16 weights (scale bytes up to moe_mma.MAX_SCALE_BYTE), fp32 products
-and sums on the tensor cores, outputs rounded as the other GEMMs round them.
+outputs are those of the Triton grouped GEMM (`moe_gemm_triton`: pairs sorted by expert, `_tile` numbering), so
+`moe_triton` calls these kernels in its place. Numerics: exact bf16 weights (scale bytes up to
+moe_mma.MAX_SCALE_BYTE), fp32 products and sums on the tensor cores, outputs rounded as the other GEMMs round them.
 
 Needs Gluon's Hopper API (Triton 3.6) and an sm_90 GPU; `wgmma_gemm_available` says whether this path serves.
 `moe_triton` runs it on sm_90 between MMA_MAX_TOKENS and the dense GEMM's threshold: a 20b layer call on an H100
-(`scripts/moe_crossover.py`) 619 against 755 us for `moe_triton`'s GEMM at 768 tokens, 876 against 982 at 1,024,
+(`scripts/moe_crossover.py`) 619 against 755 us for the Triton GEMM at 768 tokens, 876 against 982 at 1,024,
 1,562 against 1,762 at 2,048; GPTOSS_MOE_GEMM=triton turns it off.
 """
 
@@ -46,7 +46,7 @@ import os
 
 import torch
 
-from gptoss.kernels import cuda_capability
+from gptoss.kernels import cuda_capability, scratch
 
 try:  # Gluon's API is experimental: any mismatch disables this path, never the package
     import triton
@@ -64,7 +64,7 @@ except Exception:  # pragma: no cover - depends on the installed Triton
     HAS_WGMMA = False
 
 
-# wgmma exists on sm_90 only: elsewhere moe_triton runs its own GEMM in this module's place
+# wgmma exists on sm_90 only: elsewhere moe_triton runs the Triton GEMM in this module's place
 HOPPER_ONLY = True
 
 
@@ -323,20 +323,19 @@ def mlp_wgmma_gemm(x, order, seg_end, mlp1_blocks, mlp1_scales, mlp1_bias, mlp2_
     """Both expert matmuls of the MoE for pairs sorted by expert (`moe_mma.mlp_mma_gemm`'s contract): x (N, H)
     bf16, order (M,) int32 sorted row -> pair, seg_end (E,) int32 end sorted row of each expert -> y (M, H) bf16.
     config: {"R", "T", "num_warps"} instead of autotuning."""
-    from gptoss.kernels import moe_triton  # its buffer allocator (tests poison the buffers through it)
 
     N, H = x.shape
     E, R1 = mlp1_blocks.shape[:2]
     I = R1 // 2
     M = order.numel()
     HP, IP = -(-H // 128) * 128, -(-I // 128) * 128  # the MMA's k steps of 128
-    xp = moe_triton._empty((N, HP), torch.bfloat16, x.device)
-    act = moe_triton._empty((M, IP), torch.bfloat16, x.device)
+    xp = scratch((N, HP), torch.bfloat16, x.device)
+    act = scratch((M, IP), torch.bfloat16, x.device)
     # mlp2 multiplies the padding inputs I..IP (zero multipliers) by their columns, so those must hold zeros, not
     # stale bytes that may be NaN; the permutation keeps them within the last step of 128 columns, but scatters
     # them over all of it: zero the whole step, mlp1 writes the real units' columns over it
     act[:, IP - 128:].zero_()
-    y = moe_triton._empty((M, H), torch.bfloat16, x.device)
+    y = scratch((M, H), torch.bfloat16, x.device)
     EP = triton.next_power_of_2(E)
     tune_m = max(64, triton.next_power_of_2(M))
     n_tiles = lambda t: -(-M // t) + min(E, M)  # noqa: E731 - bound on the tiles of any routing
