@@ -179,6 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run OpenAI's gpt-oss models (gpt-oss-20b, gpt-oss-120b) from their released checkpoints.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what happens (default: quiet)")
+    parser.add_argument("--version", action="version", version=f"gptoss {_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     gen = commands.add_parser("generate", help="complete a raw text prompt, streaming the text",
@@ -273,6 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
     tune.set_defaults(func=_lazy("gptoss.finetune", "cmd_finetune"), context=None, dtype="bfloat16",
                       dequantize=False, adapter=None)
     return parser
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("gptoss")
+    except PackageNotFoundError:  # run from a source tree that was not installed
+        return "(not installed)"
 
 
 def _lazy(module: str, name: str):

@@ -103,3 +103,13 @@ def test_argument_errors_answer_before_torch_loads():
              "from gptoss import Transformer; assert 'torch' in sys.modules")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    from gptoss.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out == f"gptoss {version('gptoss')}\n"
