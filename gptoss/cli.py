@@ -246,8 +246,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--max-batch-size", type=_positive_int, default=64,
                        help="requests decoded together (default 64)")
     serve.add_argument("--max-prefill-tokens", type=_positive_int, default=8192,
-                       help="tokens one prefill step packs at most (default 8192): larger steps keep the GPU busier, "
-                       "at the cost of more memory a step and a later first token for a burst's first requests")
+                       help="tokens one prefill step packs at most (default 8192; longer prompts are prefilled in "
+                       "chunks): larger steps keep the GPU busier, at the cost of more memory a step and a later "
+                       "first token for a burst's first requests")
     serve.add_argument("--model-name", default=None, help="model id clients send (default: the checkpoint "
                        "folder's name)")
     serve.set_defaults(func=_lazy("gptoss.server", "cmd_serve"))

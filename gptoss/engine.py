@@ -20,9 +20,12 @@ Design (the ideas of nano-vllm's scheduler and block manager, written for this m
 - Scheduling: one background thread runs steps. A step either *prefills* newly admitted requests (one forward over
   their packed uncomputed tokens) or *decodes* one token for every running request (one forward over the batch).
   Prefill has priority, like vLLM's default scheduler. Admission is first come, first served: the head of the
-  queue is admitted while the batch has room (max_batch_size), the step's prefill budget (max_prefill_tokens; a
-  single request is always admitted alone however long) and free blocks for all its tokens. Otherwise requests
-  wait in the queue; nothing crashes for lack of memory.
+  queue is admitted while the batch has room (max_batch_size), the step's prefill budget (max_prefill_tokens) and
+  free blocks for all its tokens. Otherwise requests wait in the queue; nothing crashes for lack of memory.
+- Chunked prefill: a prompt longer than max_prefill_tokens is admitted alone and prefilled over several steps of at
+  most that many tokens (the model continues a prefill over the cache, as prefix reuse does); only its last chunk
+  samples. After each chunk the running requests get a decode step, so a long prompt delays their tokens by a chunk
+  at a time instead of by its whole prefill; waiting requests are admitted once it is through.
 - Preemption: when a running request needs a new block (its tokens crossed a block boundary) and none is free, the
   newest running request is preempted: its blocks are released (their computed full blocks stay in the prefix
   cache) and it goes back to the front of the queue with its tokens so far; when it is admitted again it
@@ -98,7 +101,8 @@ class TokenOutput:
 
 class _Request:
     __slots__ = ("id", "tokens", "prompt_len", "params", "stop", "seed", "draws", "loop", "queue", "block_table",
-                 "block_hashes", "hash_memo", "num_computed", "num_generated", "cached_tokens", "state", "cancelled")
+                 "block_hashes", "hash_memo", "num_computed", "feed_end", "num_generated", "cached_tokens", "state",
+                 "cancelled")
 
     def __init__(self, rid, tokens, params, seed, loop):
         self.id = rid
@@ -114,6 +118,7 @@ class _Request:
         self.block_hashes: list[bytes] = []  # chained hashes of the leading full computed blocks
         self.hash_memo: tuple[int, list[bytes]] = (-1, [])  # (len(tokens), chained hashes of its reusable blocks)
         self.num_computed = 0  # tokens whose keys/values are in the cache
+        self.feed_end = 0  # the scheduled step feeds tokens[num_computed:feed_end] (short of the end: a chunk)
         self.num_generated = 0
         self.cached_tokens: int | None = None  # set at first admission
         self.state = "new"  # new -> waiting <-> running -> done
@@ -145,11 +150,12 @@ class Engine:
     num_blocks: KV cache blocks of block_size tokens. Default: enough for a quarter of max_batch_size full-context
     requests, i.e. ceil(max_batch_size * context_length / 4 / block_size), and at least one full-context request.
     (gpt-oss-20b in bf16 stores 48 KiB per token: the defaults, 64 x 8192 / 4 tokens, take 6 GiB.)
-    max_prefill_tokens: tokens one prefill step packs at most (a longer single request still runs alone). Larger steps
+    max_prefill_tokens: tokens one prefill step packs at most (a longer prompt is prefilled in chunks). Larger steps
     keep the MoE GEMM busier and dequantize the experts fewer times (on an H100, 64 requests of 1k tokens prefill in
     1.04 s of GPU time with 8192, 0.94 s with 16384, 0.89-0.92 s with 32768) at the cost of more activation memory a
-    step and a later first token for the first requests of a burst. The running requests' decoding waits for every
-    admissible prefill either way (prefill has priority), so the step size does not lengthen that pause.
+    step and a later first token for the first requests of a burst. The running requests' decoding waits for the
+    prefill of every request admitted at once (prefill has priority), so there the step size does not lengthen that
+    pause; a longer prompt's chunks alternate with decode steps, so there it bounds the pause.
     enable_prefix_caching: reuse computed full blocks across requests.
     launch_ahead: launch each step before the previous step's tokens reach the host, so that the GPU computes while
     the host delivers tokens and schedules: a decode step's tokens feed the next decode step on the device, and a
@@ -202,6 +208,7 @@ class Engine:
         self._stopping = False
         self._ids = itertools.count()
         self.num_preemptions = 0
+        self._chunk_launched = False  # the last step launched left a prompt part way through its prefill
         # per kind of step: [steps, tokens fed, seconds of forward + sampling, seconds of the forward on the device]
         self._step_totals = {"prefill": [0, 0, 0.0, 0.0], "decode": [0, 0, 0.0, 0.0]}
 
@@ -430,16 +437,28 @@ class Engine:
             self.blocks.register(req.block_table[i], h, chunk)
             req.block_hashes.append(h)
 
+    @staticmethod
+    def _prefilling(req: _Request) -> bool:
+        """Whether a running request's prompt is part way through a chunked prefill (more than the one uncomputed
+        token a decoding request has)."""
+        return len(req.tokens) - req.num_computed > 1
+
     def _schedule(self) -> list[_Request]:
-        """Picks the next step's requests: newly admitted ones (a prefill) if any, else all running (a decode)."""
+        """Picks the next step's requests and sets what each feeds (feed_end): the next chunks of prompts part way
+        through their prefill, where a step before left one (but after such a step, the decoding requests' step
+        first, so that a long prompt does not stall them); else newly admitted requests (a prefill) if any; else
+        every running request (a decode)."""
         for req in [r for r in self._running if r.cancelled]:
             self._finish(req)
-        admitted = self._admit()
+        chunked = [r for r in self._running if self._prefilling(r)]
+        if chunked and not (self._chunk_launched and len(chunked) < len(self._running)):
+            return self._next_chunks(chunked)
+        admitted = [] if chunked else self._admit()
         if admitted:
             return admitted
         batch = []
         for req in list(self._running):  # oldest first; the newest are preempted first
-            if req.state != "running":
+            if req.state != "running" or self._prefilling(req):
                 continue
             while len(req.tokens) > len(req.block_table) * self.block_size:
                 if self.blocks.num_free == 0:
@@ -449,12 +468,26 @@ class Engine:
                 else:
                     req.block_table.append(self.blocks.allocate())
             if req.state == "running":
+                req.feed_end = len(req.tokens)
                 batch.append(req)
+        return batch
+
+    def _next_chunks(self, chunked: list[_Request]) -> list[_Request]:
+        """The next prefill step of requests part way through their prompts, first admitted first, within the step's
+        token budget (the first always gets a chunk)."""
+        batch, budget = [], self.max_prefill_tokens
+        for req in chunked:
+            if budget <= 0:
+                break
+            req.feed_end = min(len(req.tokens), req.num_computed + budget)
+            budget -= req.feed_end - req.num_computed
+            batch.append(req)
         return batch
 
     def _admit(self, in_flight: frozenset[bytes] = frozenset()) -> list[_Request]:
         """(lock held) Admits waiting requests, first come first served, while the batch has room, the step's
-        prefill token budget lasts and their blocks are free -> them (the next step prefills them).
+        prefill token budget lasts and their blocks are free -> them (the next step prefills them; a first request
+        longer than the budget, its first chunk: chunked prefill, whose steps take max_prefill_tokens at most).
         in_flight: hashes of blocks that a step still running computes (a prefill launched ahead): admission stops
         at a request whose next uncached block is one of them, so that it reuses the block once registered."""
         admitted: list[_Request] = []
@@ -481,6 +514,7 @@ class Engine:
             if req.cached_tokens is None:
                 req.cached_tokens = req.num_computed
             req.state = "running"
+            req.feed_end = req.num_computed + min(to_compute, budget)
             self._waiting.popleft()
             admitted.append(req)
             budget -= to_compute
@@ -520,23 +554,33 @@ class Engine:
             step = self._complete(step)
 
     def _launch_scheduled(self, batch: list[_Request]) -> _LaunchedStep | None:
-        """Launches a step feeding each request's tokens from num_computed on; on an error fails the batch."""
+        """Launches a step feeding each request's tokens[num_computed:feed_end]; on an error fails the batch."""
         try:
             with torch.inference_mode():
-                entries = [(r.block_table, r.num_computed, len(r.tokens)) for r in batch]
-                flat = [t for r in batch for t in r.tokens[r.num_computed :]]
-                return self._launch(batch, to_device(flat, self.model.device), entries)
+                entries = [(r.block_table, r.num_computed, r.feed_end) for r in batch]
+                flat = [t for r in batch for t in r.tokens[r.num_computed : r.feed_end]]
+                chunks = {i: r.feed_end for i, r in enumerate(batch) if r.feed_end < len(r.tokens)}
+                return self._launch(batch, to_device(flat, self.model.device), entries, chunks)
         except Exception as e:
             self._fail_all(batch, e)
             return None
 
-    def _launch(self, batch: list[_Request], tokens: torch.Tensor, entries) -> _LaunchedStep:
-        """Enqueues a step's forward and sampling; its outputs are read later (_complete)."""
+    def _launch(self, batch: list[_Request], tokens: torch.Tensor, entries, chunks: dict[int, int] | None = None
+                ) -> _LaunchedStep:
+        """Enqueues a step's forward and sampling; its outputs are read later (_complete). chunks: {row: end} of
+        the rows that feed a chunk of their prompt short of its end, and sample nothing."""
+        chunks = chunks or {}
         started = time.perf_counter()
         span = _DeviceSpan(tokens.device)
         logits = self._forward(tokens, entries)
         span.end()
-        return _LaunchedStep(batch, len(tokens), started, span, self._sample(batch, logits))
+        sampling = [r for i, r in enumerate(batch) if i not in chunks]
+        self._chunk_launched = bool(chunks)
+        if chunks:
+            rows = [i for i in range(len(batch)) if i not in chunks]
+            logits = logits[to_device(rows, logits.device)] if rows else logits[:0]
+        kind = "decode" if len(tokens) == len(batch) and not chunks else "prefill"
+        return _LaunchedStep(batch, chunks, kind, len(tokens), started, span, self._sample(sampling, logits))
 
     def _complete(self, step: _LaunchedStep) -> _LaunchedStep | None:
         """Launches the next step ahead if it can (after a decode, the same batch's next decode; after a prefill,
@@ -545,7 +589,7 @@ class Engine:
         ahead = None
         try:
             with torch.inference_mode():
-                if self.launch_ahead and step.is_decode:
+                if self.launch_ahead and step.kind == "decode":
                     with self._cv:
                         plan = self._plan_ahead(step.batch)
                     if plan is not None:
@@ -553,8 +597,10 @@ class Engine:
                         ahead = self._launch(batch, step.sampled.tokens[rows], entries)
                 elif self.launch_ahead:
                     with self._cv:
+                        chunking = step.chunks or any(self._prefilling(r) for r in self._running
+                                                      if r not in step.batch)  # its next chunk goes first
                         computing = frozenset(h for r in step.batch for h in r.hash_memo[1])
-                        admitted = [] if self._stopping else self._admit(computing)
+                        admitted = [] if self._stopping or chunking else self._admit(computing)
                     if admitted:
                         ahead = self._launch_scheduled(admitted)
                 outputs = step.sampled.read()
@@ -564,13 +610,19 @@ class Engine:
                 self._fail_all(ahead.batch, e)
             return None
         with self._cv:
-            totals = self._step_totals["decode" if step.is_decode else "prefill"]
+            totals = self._step_totals[step.kind]
             totals[0] += 1
             totals[1] += step.num_tokens
             totals[2] += time.perf_counter() - step.started  # outputs were read: the device is done with it
             totals[3] += step.span.seconds()
+            for row, end in step.chunks.items():  # computed part of its prompt: no token yet
+                req = step.batch[row]
+                if req.state == "running" and not req.cancelled:
+                    req.num_computed = end
+                    self._register_blocks(req)
             deliveries: dict[asyncio.AbstractEventLoop, list[tuple[_Request, TokenOutput]]] = {}
-            for req, out in zip(step.batch, outputs):
+            sampled = [r for i, r in enumerate(step.batch) if i not in step.chunks]
+            for req, out in zip(sampled, outputs):
                 if req.state != "running":  # finished, failed or preempted (a step launched ahead may hold it)
                     continue
                 if req.cancelled:
@@ -705,11 +757,9 @@ class _SampledTokens:
 @dataclass
 class _LaunchedStep:
     batch: list[_Request]
-    num_tokens: int  # tokens fed (== len(batch) for a decode step)
+    chunks: dict[int, int]  # rows that feed a chunk of their prompt short of its end: the chunk's end
+    kind: str  # "decode" (one token per sequence, each sampled) or "prefill"
+    num_tokens: int  # tokens fed
     started: float  # perf_counter at launch
     span: _DeviceSpan
-    sampled: _SampledTokens
-
-    @property
-    def is_decode(self) -> bool:
-        return self.num_tokens == len(self.batch)
+    sampled: _SampledTokens  # the other rows' tokens

@@ -162,6 +162,81 @@ def test_a_one_token_prompt_does_not_starve_running_requests(engine_factory, ref
     assert during_b.count("A") >= 15  # A advances along with B (one token per step each), not after it
 
 
+@pytest.mark.parametrize("length", [70, 65])  # 65: the last prompt token is left alone, to a decode step
+def test_a_long_prompt_is_prefilled_in_chunks(engine_factory, reference, length):
+    """A prompt longer than max_prefill_tokens is prefilled in steps of at most that many tokens (chunked prefill),
+    and gives the tokens it gives alone; the chunks' full blocks enter the prefix cache."""
+    prompt = make_prompts(1, seed=5, min_len=length, max_len=length)[0]
+    engine = engine_factory(max_prefill_tokens=16)
+    out = run_all(engine, [(prompt, greedy(6))])[0]
+    assert [o.token for o in out] == reference(prompt, 6)
+    s = wait_idle(engine)
+    assert s["prefill_steps"] == -(-(length - 1) // 16) and s["prefill_tokens"] + s["decode_tokens"] == length + 5
+    seeded = SamplingParams(max_tokens=6, temperature=1.0, seed=9, stop_token_ids=())
+    again = run_all(engine, [(prompt, seeded)])[0]
+    assert [o.token for o in again] == reference(prompt, 6, temperature=1.0, seed=9)
+    assert again[0].cached_tokens == (length - 1) // 4 * 4  # every full block but the last token's
+
+
+def test_decoding_requests_advance_between_chunks(engine_factory, reference):
+    """While a long prompt is prefilled in chunks, the running requests get a decode step after each chunk: a
+    long prompt does not stall them for its whole prefill."""
+    engine = engine_factory(max_batch_size=8, max_prefill_tokens=8)
+    long_prompt = make_prompts(1, seed=6, min_len=96, max_len=96)[0]  # 12 chunks
+    order = []
+
+    async def run(name, prompt, max_tokens, a_running, wait):
+        if wait:
+            await a_running.wait()
+        tokens = []
+        async for out in engine.generate(prompt, greedy(max_tokens)):
+            order.append(name)
+            tokens.append(out.token)
+            if name == "A" and len(tokens) == 3:
+                a_running.set()
+        return tokens
+
+    async def main():
+        a_running = asyncio.Event()
+        return await asyncio.gather(run("A", list(range(10, 30)), 40, a_running, False),
+                                    run("B", long_prompt, 4, a_running, True))
+
+    a_tokens, b_tokens = asyncio.run(main())
+    assert a_tokens == reference(list(range(10, 30)), 40) and b_tokens == reference(long_prompt, 4)
+    assert order.index("B") >= 3 + 10  # A's tokens before B's first: its 3, then one a chunk (12 chunks)
+
+
+def test_cancelling_during_a_chunked_prefill_frees_blocks(engine_factory):
+    engine = engine_factory(max_prefill_tokens=4)
+    prompt = make_prompts(1, seed=7, min_len=400, max_len=400)[0]  # 100 chunks
+
+    async def main():
+        task = asyncio.ensure_future(collect(engine, prompt, greedy(4)))
+        deadline = time.monotonic() + 30
+        while engine.stats()["prefill_steps"] < 3:
+            assert time.monotonic() < deadline and not task.done(), "the prompt was not prefilled in chunks"
+            await asyncio.sleep(0.001)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return engine.stats()
+
+    mid = asyncio.run(main())
+    assert mid["decode_steps"] == 0 and mid["prefill_steps"] < 100  # cancelled part way through the prefill
+    s = wait_idle(engine)
+    assert s["free_blocks"] == s["total_blocks"]
+
+
+def test_chunked_prefills_with_preemption_match_single_requests(engine_factory, reference):
+    prompts = make_prompts(8, seed=8, min_len=20, max_len=40)
+    engine = engine_factory(max_batch_size=8, num_blocks=24, max_prefill_tokens=8)
+    outs = run_all(engine, [(p, greedy(16)) for p in prompts])
+    for prompt, out in zip(prompts, outs):
+        assert [o.token for o in out] == reference(prompt, 16)
+    s = wait_idle(engine)
+    assert s["preemptions"] > 0 and s["free_blocks"] == s["total_blocks"]
+
+
 def test_admission_control_and_preemption_with_tiny_cache(engine_factory, reference):
     # 24 blocks of 4 = 96 tokens; 12 requests of up to 40 + 20 tokens: only a couple fit at a time
     prompts = make_prompts(12, seed=2, min_len=20, max_len=40)
