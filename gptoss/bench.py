@@ -9,6 +9,8 @@ import contextlib
 import dataclasses
 import gc
 import json
+import math
+import statistics
 import time
 
 import torch
@@ -127,9 +129,16 @@ def kernel_builds():
         runtime.jit_cache_hook = previous
 
 
+def _percentile(values: list[float], q: float) -> float:
+    """The nearest-rank q-th percentile (0 < q <= 100) of a non-empty list."""
+    return sorted(values)[math.ceil(q / 100 * len(values)) - 1]
+
+
 def bench_engine(model: Transformer, concurrency: int, prompt_length: int, output_tokens: int,
                  max_prefill_tokens: int = 8192) -> dict:
-    """Output tokens/s of the continuous-batching engine with `concurrency` requests in flight at once."""
+    """Output tokens/s of the continuous-batching engine with `concurrency` requests in flight at once, and the
+    latencies a client of each request sees: time to its first token (ttft) and between its tokens (itl), in ms,
+    median and 99th percentile."""
     import asyncio
 
     from gptoss.engine import Engine, SamplingParams
@@ -139,13 +148,15 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
                     max_prefill_tokens=max_prefill_tokens)
     params = SamplingParams(max_tokens=output_tokens, temperature=1.0, seed=0, stop_token_ids=())
 
-    async def one(i: int) -> int:
+    async def one(i: int) -> list[float]:
+        """-> the times (s) from the request's submission to each of its tokens' arrival."""
         prompt = _prompt(prompt_length, model.config.vocab_size)
         prompt[0] = i  # distinct first tokens: no prefix shared between requests, nor with the warm-up's
-        return sum([1 async for _ in engine.generate(prompt, params)])
+        sent = time.perf_counter()
+        return [time.perf_counter() - sent async for _ in engine.generate(prompt, params)]
 
-    async def run_all(first: int) -> int:
-        return sum(await asyncio.gather(*(one(first + i) for i in range(concurrency))))
+    async def run_all(first: int) -> list[list[float]]:
+        return await asyncio.gather(*(one(first + i) for i in range(concurrency)))
 
     engine.warm_up()
     engine.start()
@@ -154,15 +165,21 @@ def bench_engine(model: Transformer, concurrency: int, prompt_length: int, outpu
         before = engine.stats()
         with kernel_builds() as built:
             started = time.perf_counter()
-            generated = asyncio.run(run_all(0))
+            arrivals = asyncio.run(run_all(0))
             elapsed = time.perf_counter() - started
         after = engine.stats()
     finally:
         engine.stop()
     steps = {key: after[key] - before[key] for key in after
              if key.startswith(("prefill_", "decode_")) or key == "cached_prefix_blocks"}
+    generated = sum(len(times) for times in arrivals)
+    firsts = [1e3 * times[0] for times in arrivals]
+    gaps = [1e3 * (b - a) for times in arrivals for a, b in zip(times, times[1:])] or [0.0]
+    latency = {"ttft_ms_median": statistics.median(firsts), "ttft_ms_p99": _percentile(firsts, 99),
+               "itl_ms_median": statistics.median(gaps), "itl_ms_p99": _percentile(gaps, 99)}
     return {"concurrency": concurrency, "prompt_tokens": prompt_length, "output_tokens": generated,
-            "seconds": elapsed, "output_tokens_per_s": generated / elapsed, "kernels_built": built, **steps}
+            "seconds": elapsed, "output_tokens_per_s": generated / elapsed, **latency, "kernels_built": built,
+            **steps}
 
 
 def hf_state_dict(model: Transformer):
@@ -253,10 +270,16 @@ def run(args) -> list[BenchResult]:
               f"(GPU {served['prefill_device_seconds']:.2f} s), "
               f"{served['decode_steps']} decode steps, GPU {served['decode_device_seconds']:.2f} s; "
               f"prefix-cache hits: {served['cached_prefix_blocks']} blocks)", flush=True)
+        print(f"engine: time to first token median {served['ttft_ms_median']:,.0f} ms, p99 "
+              f"{served['ttft_ms_p99']:,.0f} ms; between tokens median {served['itl_ms_median']:.1f} ms, p99 "
+              f"{served['itl_ms_p99']:.1f} ms", flush=True)
         built = served["kernels_built"]
         if built:  # the GPU times above then include those builds
             print(f"engine: {len(built)} kernel builds during the timed round: {', '.join(sorted(set(built)))}",
                   flush=True)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(served, f, indent=2)
         return []
     results = [bench_gptoss(model, name, load_s, args.prompt_lengths, args.decode_contexts, args.decode_tokens)]
     print(format_table(results), flush=True)
