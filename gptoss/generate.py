@@ -1,4 +1,4 @@
-"""KV-cached token generation: the prompt is prefilled in one forward, then one token per step."""
+"""KV-cached token generation: the prompt is prefilled (in chunks when long), then one token per step."""
 
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,12 +13,16 @@ from gptoss.model import Transformer
 from gptoss.sampling import check_settings, request_seed, sample
 
 DEFAULT_CONTEXT_LENGTH = 8192
+# Prompt tokens one prefill forward takes at most: a longer prompt is prefilled in chunks, so that its activations
+# (~10 GB at 131k tokens of gpt-oss-20b in one forward) fit beside the weights and the cache on smaller cards.
+DEFAULT_PREFILL_CHUNK = 16384
 
 
 class TokenGenerator:
     """Generates from a checkpoint folder (or an already loaded `model=`) on `device`.
 
     context_length: tokens the KV cache holds (prompt + generated); defaults to 8192, at most the model's 131072.
+    prefill_chunk: prompt tokens one prefill forward takes at most (a longer prompt is prefilled in chunks).
     """
 
     def __init__(
@@ -29,7 +33,11 @@ class TokenGenerator:
         context_length: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         model: Transformer | None = None,
+        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
     ):
+        if prefill_chunk <= 0:
+            raise GptOssError(f"prefill_chunk must be positive, got {prefill_chunk}")
+        self.prefill_chunk = prefill_chunk
         self.device = torch.device(device)
         if model is None:
             if checkpoint is None:
@@ -90,9 +98,7 @@ class TokenGenerator:
         stop = set(int(t) for t in stop_tokens)
         seed = self.model.shard.from_first(request_seed(seed), self.device)  # ranks must draw alike
         self.cache.reset()
-        tokens = torch.tensor(prompt, device=self.device)
-        last = torch.tensor([len(prompt) - 1], device=self.device)
-        logits = self.model(tokens, self.cache.reserve(len(prompt)), self.cache, logits_rows=last)[0]
+        logits = self._prefill(prompt)
         generated = 0
         while True:
             token = sample(logits[None], temperature, top_k, top_p, [seed], [generated])[0]
@@ -115,6 +121,16 @@ class TokenGenerator:
                 raise ContextLengthError(f"generation reached the context length of {self.context_length}")
             if not ahead:
                 logits = self._decode(token)
+
+    def _prefill(self, prompt: list[int]) -> torch.Tensor:
+        """Feeds the prompt in chunks of at most prefill_chunk tokens, each continuing over the cache -> logits (V,)
+        of its last token (each chunk computes its last row's: one row of the unembedding, simpler than none)."""
+        tokens = torch.tensor(prompt, device=self.device)
+        for start in range(0, len(prompt), self.prefill_chunk):
+            chunk = tokens[start : start + self.prefill_chunk]
+            last = torch.tensor([len(chunk) - 1], device=self.device)
+            logits = self.model(chunk, self.cache.reserve(len(chunk)), self.cache, logits_rows=last)[0]
+        return logits
 
     def _decode(self, token: torch.Tensor) -> torch.Tensor:
         """One step: token () -> logits (V,) for the next position."""

@@ -157,3 +157,18 @@ def test_every_64_bit_seed_keeps_its_own_stream(generator):
     assert len(set(drawn.tolist())) > 3  # uniform logits: unrelated streams pick different tokens
     tokens = list(generator.generate([1, 2, 3], (), temperature=1.0, max_tokens=3, seed=2**64 - 1))
     assert tokens == list(generator.generate([1, 2, 3], (), temperature=1.0, max_tokens=3, seed=2**64 - 1))
+
+
+def test_a_long_prompt_is_prefilled_in_chunks(generator):
+    """A prompt longer than prefill_chunk is fed in forwards of at most that many tokens (here 20: chunks longer
+    than the model's 16-token window, then a 10-token tail), and generates what one forward's prefill generates."""
+    chunked = TokenGenerator(None, "cpu", context_length=128, model=generator.model, prefill_chunk=20)
+    sizes = []
+    reserve = chunked.cache.reserve
+    chunked.cache.reserve = lambda n: sizes.append(n) or reserve(n)
+    prompt = list(range(3, 53))  # 50 tokens
+    out = list(chunked.generate(prompt, (), temperature=0.0, max_tokens=6))
+    assert sizes[:3] == [20, 20, 10] and set(sizes[3:]) == {1}
+    assert out == list(generator.generate(prompt, (), temperature=0.0, max_tokens=6))
+    with pytest.raises(GptOssError, match="prefill_chunk must be positive"):
+        TokenGenerator(None, "cpu", model=generator.model, prefill_chunk=0)
