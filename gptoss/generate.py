@@ -14,7 +14,8 @@ from gptoss.sampling import check_settings, request_seed, sample
 
 DEFAULT_CONTEXT_LENGTH = 8192
 # Prompt tokens one prefill forward takes at most: a longer prompt is prefilled in chunks, so that its activations
-# (~10 GB at 131k tokens of gpt-oss-20b in one forward) fit beside the weights and the cache on smaller cards.
+# (roughly 10 GB at 131k tokens of gpt-oss-20b in one forward, by a count of its tensors) fit beside the weights
+# and the cache on smaller cards.
 DEFAULT_PREFILL_CHUNK = 16384
 
 
