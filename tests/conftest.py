@@ -50,9 +50,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 
 def free_port() -> int:
+    """A free TCP port for a server a test starts, below the kernel's ephemeral range: a port the kernel hands out
+    for bind(0) could be given to another process's connection (gloo's, a client's) before the server binds it
+    (seen in CI: "Address already in use"). Above 20000 and below torchrun's default rendezvous port, 29500."""
+    import random
     import socket
 
-    with socket.socket() as probe:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    candidates = range(20000, min(ephemeral, 29500))
+    for port in random.sample(candidates, min(len(candidates), 100)):
+        with socket.socket() as probe:
+            try:
+                probe.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as probe:  # no such range here
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
 
