@@ -133,11 +133,9 @@ def test_step_stats_count_prefill_and_decode_steps(engine_factory):
     assert s["prefill_device_seconds"] == s["decode_device_seconds"] == 0.0  # CPU: no device timing
 
 
-def test_a_one_token_prompt_does_not_starve_running_requests(engine_factory, reference):
-    """A request admitted with a single token to compute makes a step that looks like a decode step; it must not
-    run on alone (decode ahead chains only steps that cover every running request): the running request keeps
-    getting tokens meanwhile, and both outputs are what each gives alone."""
-    engine = engine_factory(max_batch_size=8)
+def a_then_b(engine, a_prompt, a_max, b_prompt, b_max):
+    """Greedy request A, and B submitted once A has 3 tokens -> (A's tokens, B's tokens, the order in which the
+    engine delivered their tokens: a list of "A" and "B")."""
     order = []
 
     async def run(name, prompt, max_tokens, a_running, wait):
@@ -153,10 +151,19 @@ def test_a_one_token_prompt_does_not_starve_running_requests(engine_factory, ref
 
     async def main():
         a_running = asyncio.Event()  # B arrives once A is decoding
-        return await asyncio.gather(run("A", list(range(10, 30)), 40, a_running, False),
-                                    run("B", [7], 20, a_running, True))
+        return await asyncio.gather(run("A", a_prompt, a_max, a_running, False),
+                                    run("B", b_prompt, b_max, a_running, True))
 
     a_tokens, b_tokens = asyncio.run(main())
+    return a_tokens, b_tokens, order
+
+
+def test_a_one_token_prompt_does_not_starve_running_requests(engine_factory, reference):
+    """A request admitted with a single token to compute makes a step that looks like a decode step; it must not
+    run on alone (decode ahead chains only steps that cover every running request): the running request keeps
+    getting tokens meanwhile, and both outputs are what each gives alone."""
+    engine = engine_factory(max_batch_size=8)
+    a_tokens, b_tokens, order = a_then_b(engine, list(range(10, 30)), 40, [7], 20)
     assert a_tokens == reference(list(range(10, 30)), 40) and b_tokens == reference([7], 20)
     during_b = "".join(order)[order.index("B"):len(order) - order[::-1].index("B")]
     assert during_b.count("A") >= 15  # A advances along with B (one token per step each), not after it
@@ -183,25 +190,7 @@ def test_decoding_requests_advance_between_chunks(engine_factory, reference):
     long prompt does not stall them for its whole prefill."""
     engine = engine_factory(max_batch_size=8, max_prefill_tokens=8)
     long_prompt = make_prompts(1, seed=6, min_len=96, max_len=96)[0]  # 12 chunks
-    order = []
-
-    async def run(name, prompt, max_tokens, a_running, wait):
-        if wait:
-            await a_running.wait()
-        tokens = []
-        async for out in engine.generate(prompt, greedy(max_tokens)):
-            order.append(name)
-            tokens.append(out.token)
-            if name == "A" and len(tokens) == 3:
-                a_running.set()
-        return tokens
-
-    async def main():
-        a_running = asyncio.Event()
-        return await asyncio.gather(run("A", list(range(10, 30)), 40, a_running, False),
-                                    run("B", long_prompt, 4, a_running, True))
-
-    a_tokens, b_tokens = asyncio.run(main())
+    a_tokens, b_tokens, order = a_then_b(engine, list(range(10, 30)), 40, long_prompt, 4)
     assert a_tokens == reference(list(range(10, 30)), 40) and b_tokens == reference(long_prompt, 4)
     assert order.index("B") >= 3 + 10  # A's tokens before B's first: its 3, then one a chunk (12 chunks)
 
