@@ -16,14 +16,14 @@ DEFAULT_CONTEXT_LENGTH = 8192
 # Prompt tokens one prefill forward takes at most: a longer prompt is prefilled in chunks, so that its activations
 # (roughly 10 GB at 131k tokens of gpt-oss-20b in one forward, by a count of its tensors) fit beside the weights
 # and the cache on smaller cards.
-DEFAULT_PREFILL_CHUNK = 16384
+DEFAULT_MAX_PREFILL_TOKENS = 16384
 
 
 class TokenGenerator:
     """Generates from a checkpoint folder (or an already loaded `model=`) on `device`.
 
     context_length: tokens the KV cache holds (prompt + generated); defaults to 8192, at most the model's 131072.
-    prefill_chunk: prompt tokens one prefill forward takes at most (a longer prompt is prefilled in chunks).
+    max_prefill_tokens: prompt tokens one prefill forward takes at most (a longer prompt is prefilled in chunks).
     """
 
     def __init__(
@@ -34,11 +34,11 @@ class TokenGenerator:
         context_length: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         model: Transformer | None = None,
-        prefill_chunk: int = DEFAULT_PREFILL_CHUNK,
+        max_prefill_tokens: int = DEFAULT_MAX_PREFILL_TOKENS,
     ):
-        if prefill_chunk <= 0:
-            raise GptOssError(f"prefill_chunk must be positive, got {prefill_chunk}")
-        self.prefill_chunk = prefill_chunk
+        if max_prefill_tokens <= 0:
+            raise GptOssError(f"max_prefill_tokens must be positive, got {max_prefill_tokens}")
+        self.max_prefill_tokens = max_prefill_tokens
         self.device = torch.device(device)
         if model is None:
             if checkpoint is None:
@@ -124,11 +124,11 @@ class TokenGenerator:
                 logits = self._decode(token)
 
     def _prefill(self, prompt: list[int]) -> torch.Tensor:
-        """Feeds the prompt in chunks of at most prefill_chunk tokens, each continuing over the cache -> logits (V,)
-        of its last token (each chunk computes its last row's: one row of the unembedding, simpler than none)."""
+        """Feeds the prompt in chunks of at most max_prefill_tokens tokens, each continuing over the cache -> logits
+        (V,) of its last token (each chunk computes its last row's: one row of the unembedding, simpler than none)."""
         tokens = torch.tensor(prompt, device=self.device)
-        for start in range(0, len(prompt), self.prefill_chunk):
-            chunk = tokens[start : start + self.prefill_chunk]
+        for start in range(0, len(prompt), self.max_prefill_tokens):
+            chunk = tokens[start : start + self.max_prefill_tokens]
             last = torch.tensor([len(chunk) - 1], device=self.device)
             logits = self.model(chunk, self.cache.reserve(len(chunk)), self.cache, logits_rows=last)[0]
         return logits

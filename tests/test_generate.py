@@ -160,9 +160,9 @@ def test_every_64_bit_seed_keeps_its_own_stream(generator):
 
 
 def test_a_long_prompt_is_prefilled_in_chunks(generator):
-    """A prompt longer than prefill_chunk is fed in forwards of at most that many tokens (here 20: chunks longer
+    """A prompt longer than max_prefill_tokens is fed in forwards of at most that many tokens (here 20: chunks longer
     than the model's 16-token window, then a 10-token tail), and generates what one forward's prefill generates."""
-    chunked = TokenGenerator(None, "cpu", context_length=128, model=generator.model, prefill_chunk=20)
+    chunked = TokenGenerator(None, "cpu", context_length=128, model=generator.model, max_prefill_tokens=20)
     sizes = []
     reserve = chunked.cache.reserve
     chunked.cache.reserve = lambda n: sizes.append(n) or reserve(n)
@@ -170,5 +170,5 @@ def test_a_long_prompt_is_prefilled_in_chunks(generator):
     out = list(chunked.generate(prompt, (), temperature=0.0, max_tokens=6))
     assert sizes[:3] == [20, 20, 10] and set(sizes[3:]) == {1}
     assert out == list(generator.generate(prompt, (), temperature=0.0, max_tokens=6))
-    with pytest.raises(GptOssError, match="prefill_chunk must be positive"):
-        TokenGenerator(None, "cpu", model=generator.model, prefill_chunk=0)
+    with pytest.raises(GptOssError, match="max_prefill_tokens must be positive"):
+        TokenGenerator(None, "cpu", model=generator.model, max_prefill_tokens=0)
