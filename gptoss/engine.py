@@ -574,13 +574,13 @@ class Engine:
         span = _DeviceSpan(tokens.device)
         logits = self._forward(tokens, entries)
         span.end()
-        sampling = [r for i, r in enumerate(batch) if i not in chunks]
+        rows = [i for i in range(len(batch)) if i not in chunks]  # the rows that sample
         self._chunk_launched = bool(chunks)
         if chunks:
-            rows = [i for i in range(len(batch)) if i not in chunks]
             logits = logits[to_device(rows, logits.device)] if rows else logits[:0]
         kind = "decode" if len(tokens) == len(batch) and not chunks else "prefill"
-        return _LaunchedStep(batch, chunks, kind, len(tokens), started, span, self._sample(sampling, logits))
+        return _LaunchedStep(batch, chunks, kind, len(tokens), started, span,
+                             self._sample([batch[i] for i in rows], logits))
 
     def _complete(self, step: _LaunchedStep) -> _LaunchedStep | None:
         """Launches the next step ahead if it can (after a decode, the same batch's next decode; after a prefill,
